@@ -1,0 +1,17 @@
+# hnc-clip: fine-tune CLIP with Hard Negative Captions, then test the tower inside LLaVA-1.5.
+# A table of contents: every helper lives in rules/common.smk, every stage in its own file.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/synth.smk"
+
+
+rule all:
+    input:
+        get_final_output(),

@@ -1,0 +1,103 @@
+"""Load and validate the pipeline's configuration before any job runs.
+
+The JSON schema (config.schema.yaml) types, describes and defaults every key; this module fills the defaults,
+turns schema errors into messages that name the config key, and adds the checks a schema cannot express
+(paths that must exist).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO_ROOT / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    with open(path) as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_schema(path: str | os.PathLike = SCHEMA_PATH) -> dict:
+    return load_yaml(path)
+
+
+def _resolve_ref(schema: dict, root: dict) -> dict:
+    """Follow a local ``$ref`` and merge the referring node's own keys (e.g. description) over it."""
+    if "$ref" not in schema:
+        return schema
+    target: Any = root
+    for part in schema["$ref"].lstrip("#/").split("/"):
+        target = target[part]
+    merged = dict(target)
+    merged.update({k: v for k, v in schema.items() if k != "$ref"})
+    return merged
+
+
+def fill_defaults(config: dict, schema: dict, root: dict | None = None) -> dict:
+    """Return a copy of ``config`` with every missing key set to its schema default, recursively."""
+    root = root or schema
+    filled = copy.deepcopy(config)
+    for key, sub_schema in schema.get("properties", {}).items():
+        sub_schema = _resolve_ref(sub_schema, root)
+        if key not in filled and "default" in sub_schema:
+            filled[key] = copy.deepcopy(sub_schema["default"])
+        if isinstance(filled.get(key), dict) and "properties" in sub_schema:
+            filled[key] = fill_defaults(filled[key], sub_schema, root)
+    return filled
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in error.absolute_path]
+    return ".".join(parts).replace(".[", "[") or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    key = _key_path(error)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        return f"config key {key}: {error.message}; allowed keys: {', '.join(allowed)}"
+    if error.validator == "uniqueItems":
+        return f"config key {key}: duplicate grid values in {error.instance!r}"
+    if error.validator == "minItems":
+        return f"config key {key}: must not be empty (got {error.instance!r})"
+    return f"config key {key}: {error.message}"
+
+
+def validate_schema(config: dict, schema: dict) -> None:
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
+
+
+def check_paths_exist(config: dict, base_dir: str | os.PathLike = ".") -> None:
+    """Every path the user set must exist; null paths are produced by the workflow (synth or download)."""
+    missing = []
+    for key, value in config.get("paths", {}).items():
+        if value is not None and not (Path(base_dir) / value).exists():
+            missing.append(f"config key paths.{key}: {value} does not exist")
+    if missing:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(missing))
+
+
+def validate_config(config: dict, schema: dict | None = None, base_dir: str | os.PathLike = ".") -> dict:
+    """Fill defaults, validate against the schema and the path checks; return the completed config."""
+    schema = schema if schema is not None else load_schema()
+    completed = fill_defaults(config, schema)
+    validate_schema(completed, schema)
+    check_paths_exist(completed, base_dir)
+    return completed

@@ -1,0 +1,41 @@
+"""The fine-tuning grid: cells named ``alpha~{a}/tau~{t}/seed~{s}`` with plain Python floats."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+BASELINE = "baseline"
+_CELL_RE = re.compile(r"^alpha~(?P<alpha>[^/]+)/tau~(?P<tau>[^/]+)/seed~(?P<seed>\d+)$")
+
+
+def format_value(value: float) -> str:
+    """One spelling per value, so a cell's path never changes between runs (0 -> 0.0, 0.05 -> 0.05)."""
+    return repr(float(value))
+
+
+def cell_path(alpha: float, tau: float, seed: int) -> str:
+    return f"alpha~{format_value(alpha)}/tau~{format_value(tau)}/seed~{int(seed)}"
+
+
+def grid_cells(alphas, taus, seeds) -> list[str]:
+    """Every cell of the grid, alpha-major (adding a value adds only the new cells)."""
+    return [cell_path(a, t, s) for a, t, s in itertools.product(alphas, taus, seeds)]
+
+
+def parse_cell(cell: str) -> dict:
+    """``alpha~5.0/tau~0.05/seed~1`` -> {"alpha": 5.0, "tau": 0.05, "seed": 1}; baseline -> {}."""
+    if cell == BASELINE:
+        return {}
+    match = _CELL_RE.match(cell)
+    if match is None:
+        raise ValueError(f"not a grid cell path: {cell!r} (expected alpha~A/tau~T/seed~S or {BASELINE!r})")
+    return {"alpha": float(match["alpha"]), "tau": float(match["tau"]), "seed": int(match["seed"])}
+
+
+def control_cell(cell: str) -> str | None:
+    """The alpha = 0 cell with the same tau and seed (None for the baseline)."""
+    if cell == BASELINE:
+        return None
+    values = parse_cell(cell)
+    return cell_path(0.0, values["tau"], values["seed"])

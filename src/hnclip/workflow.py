@@ -1,0 +1,40 @@
+"""What every rule adapter in workflow_scripts/ shares: log to the rule's log file, then call one function."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import traceback
+from typing import Any, Callable
+
+import torch
+
+
+def configure_logging() -> None:
+    """Send logging records to stderr, which run_logged points at the rule's log (tqdm writes there too)."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[logging.StreamHandler(sys.stderr)],
+        force=True,
+    )
+
+
+def run_logged(snakemake: Any, main: Callable[[Any], None]) -> None:
+    """Run ``main(snakemake)`` with stderr and logging redirected to ``snakemake.log[0]``.
+
+    Errors are written to the log with their traceback and re-raised so Snakemake marks the job failed.
+    """
+    log_path = snakemake.log[0] if len(snakemake.log) else None
+    threads = int(getattr(snakemake, "threads", 1) or 1)
+    torch.set_num_threads(threads)
+    stream = open(log_path, "a", buffering=1) if log_path else sys.stderr
+    with stream if log_path else contextlib.nullcontext(), contextlib.redirect_stderr(stream):
+        configure_logging()
+        logging.getLogger("hnclip").info("rule %s, threads %d", snakemake.rule, threads)
+        try:
+            main(snakemake)
+        except BaseException:
+            traceback.print_exc(file=stream)
+            raise
