@@ -10,6 +10,9 @@ configfile: "config.yaml"
 
 include: "rules/common.smk"
 include: "rules/synth.smk"
+include: "rules/preprocess.smk"
+include: "rules/baseline.smk"
+include: "rules/finetune.smk"
 
 
 rule all:

@@ -81,17 +81,113 @@ def raw_input(key):
 
 def scaled(rule_name, field):
     """A resource of ``rule_name`` that grows with the retry attempt (memory and runtime)."""
-    base = {**config["resources"]["default"], **config["resources"].get(rule_name, {})}[field]
+    base = {**config["resources"]["default"], **config["resources"].get(rule_name, {})}[
+        field
+    ]
     return lambda wildcards, attempt: base * attempt
 
 
 def resource(rule_name, field):
-    return {**config["resources"]["default"], **config["resources"].get(rule_name, {})}[field]
+    return {**config["resources"]["default"], **config["resources"].get(rule_name, {})}[
+        field
+    ]
 
 
+# ---- preprocess --------------------------------------------------------------------------------------------------
+HNC_SPLITS = ["train", "val", "test"]
+
+
+def hnc_shards(split):
+    n_shards = config["preprocess"]["hnc_shards"][split]
+    return [f"results/data/hnc/{split}/part-{k:05d}.parquet" for k in range(n_shards)]
+
+
+VQA_INPUT_KEYS = {
+    "vqav2": ["vqav2_questions", "vqav2_annotations", "vqav2_images"],
+    "textvqa": ["textvqa_questions", "textvqa_ocr", "textvqa_images"],
+}
+
+
+def vqa_raw_inputs(wildcards):
+    keys = VQA_INPUT_KEYS[wildcards.dataset]
+    files = [
+        raw_path(k)
+        for k in keys
+        if not k.endswith("images") and raw_path(k) is not None
+    ]
+    return files + [m for k in keys for m in [raw_input(k)] if m]
+
+
+def vqa_raw_paths(dataset):
+    return {key.split("_", 1)[1]: raw_path(key) for key in VQA_INPUT_KEYS[dataset]}
+
+
+# ---- models ------------------------------------------------------------------------------------------------------
+BASELINE_WEIGHTS = "results/baseline/model.safetensors"
+
+
+def model_weights(model):
+    """The CLIP weights file of a model name: the baseline or a grid cell."""
+    if model == "baseline":
+        return BASELINE_WEIGHTS
+    return f"results/finetune/{model}/model.safetensors"
+
+
+def cell_values(wildcards):
+    return {
+        "alpha": float(wildcards.alpha),
+        "tau": float(wildcards.tau),
+        "seed": int(wildcards.seed),
+    }
+
+
+def finetune_settings(wildcards):
+    """Plain Python values only: Snakemake compares params by their printed form."""
+    f = config["finetune"]
+    return dict(
+        steps=f["steps"],
+        batch_size=f["batch_size"],
+        lr=f["lr"],
+        weight_decay=f["weight_decay"],
+        warmup_steps=f["warmup_steps"],
+        grad_clip=f["grad_clip"],
+        train_towers=f["train_towers"],
+        hard_negatives_per_image=f["hard_negatives_per_image"],
+        extra_random_negatives=f["extra_random_negatives"],
+        val_every=f["val_every"],
+        val_pairs=f["val_pairs"],
+        checkpoint_every=f["checkpoint_every"],
+        loss="hnc",
+        **cell_values(wildcards),
+    )
+
+
+def pretrain_settings():
+    p, f = config["pretrain"], config["finetune"]
+    return dict(
+        steps=p["steps"],
+        batch_size=p["batch_size"],
+        lr=p["lr"],
+        tau=p["tau"],
+        seed=p["seed"],
+        loss="clip",
+        warmup_steps=min(100, p["steps"] // 10),
+        val_every=f["val_every"],
+        val_pairs=f["val_pairs"],
+        checkpoint_every=f["checkpoint_every"],
+    )
+
+
+# ---- targets -----------------------------------------------------------------------------------------------------
 def get_final_output():
     """Every target of a full run."""
     targets = []
     if IS_DEMO:
         targets.append(SYNTH_MARKER)
+    targets += [f"results/data/hnc/{split}/stats.json" for split in HNC_SPLITS]
+    targets += expand(
+        "results/data/vqa/{dataset}/questions.parquet",
+        dataset=config["llava"]["datasets"],
+    )
+    targets += [model_weights(model) for model in MODELS]
     return targets

@@ -1,20 +1,29 @@
 rule synth:
     output:
         world=SYNTH_MARKER,
-        files=[SYNTH_PATHS[k] for k in SYNTH_PATHS if k.startswith(("hnc_", "vqav2_q", "vqav2_a", "textvqa_q", "textvqa_o"))],
-        llava_train=[p for d in SYNTH_LLAVA_TRAIN.values() for k, p in d.items() if k != "images"],
-    params:
-        world=config["synth"],
-        out_dir=SYNTH_DIR,
+        files=[
+            SYNTH_PATHS[k]
+            for k in SYNTH_PATHS
+            if k.startswith(("hnc_", "vqav2_q", "vqav2_a", "textvqa_q", "textvqa_o"))
+        ],
+        llava_train=[
+            p
+            for d in SYNTH_LLAVA_TRAIN.values()
+            for k, p in d.items()
+            if k != "images"
+        ],
     log:
         "logs/synth/synth.log",
     benchmark:
         "benchmarks/synth/synth.tsv"
+    conda:
+        "../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=scaled("default", "mem_mb"),
         runtime=scaled("default", "runtime"),
-    conda:
-        "../envs/data.yaml"
+    params:
+        world=config["synth"],
+        out_dir=lambda wildcards, output: str(Path(output.world).parent),
     script:
         "../workflow_scripts/synth.py"

@@ -8,8 +8,6 @@ import sys
 import traceback
 from typing import Any, Callable
 
-import torch
-
 
 def configure_logging() -> None:
     """Send logging records to stderr, which run_logged points at the rule's log (tqdm writes there too)."""
@@ -28,7 +26,7 @@ def run_logged(snakemake: Any, main: Callable[[Any], None]) -> None:
     """
     log_path = snakemake.log[0] if len(snakemake.log) else None
     threads = int(getattr(snakemake, "threads", 1) or 1)
-    torch.set_num_threads(threads)
+    _limit_torch_threads(threads)
     stream = open(log_path, "a", buffering=1) if log_path else sys.stderr
     with stream if log_path else contextlib.nullcontext(), contextlib.redirect_stderr(stream):
         configure_logging()
@@ -38,3 +36,12 @@ def run_logged(snakemake: Any, main: Callable[[Any], None]) -> None:
         except BaseException:
             traceback.print_exc(file=stream)
             raise
+
+
+def _limit_torch_threads(threads: int) -> None:
+    """A job uses the cores Snakemake gave it, no more (several jobs share a node)."""
+    try:
+        import torch
+    except ImportError:  # the data stage's environment has no torch
+        return
+    torch.set_num_threads(threads)

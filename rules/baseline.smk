@@ -1,0 +1,51 @@
+# The baseline CLIP every cell starts from. Demo: trained here from scratch with the plain CLIP loss.
+# Thesis: the downloaded OpenAI ViT-L-14-336, re-saved as safetensors so every later stage loads one format.
+if IS_DEMO:
+
+    rule pretrain:
+        input:
+            train=hnc_shards("train"),
+            val=hnc_shards("val"),
+        output:
+            weights=BASELINE_WEIGHTS,
+            train_log="results/baseline/train_log.csv",
+            provenance="results/baseline/provenance.json",
+        log:
+            "logs/pretrain/baseline.log",
+        benchmark:
+            "benchmarks/pretrain/baseline.tsv"
+        conda:
+            "../envs/train.yaml"
+        threads: config["finetune"]["num_threads"]
+        resources:
+            mem_mb=scaled("pretrain", "mem_mb"),
+            runtime=scaled("pretrain", "runtime"),
+            gpu=resource("pretrain", "gpu"),
+        params:
+            settings=pretrain_settings(),
+            model_name=config["model"]["clip_name"],
+            state_dir="results/state/pretrain",
+            config=config,
+        script:
+            "../workflow_scripts/train.py"
+
+else:
+
+    rule import_baseline:
+        input:
+            raw_input("clip_weights"),
+        output:
+            weights=BASELINE_WEIGHTS,
+            provenance="results/baseline/provenance.json",
+        log:
+            "logs/import_baseline/baseline.log",
+        conda:
+            "../envs/train.yaml"
+        resources:
+            mem_mb=scaled("export", "mem_mb"),
+            runtime=scaled("export", "runtime"),
+        params:
+            model_name=config["model"]["clip_name"],
+            pretrained=raw_path("clip_weights") or config["model"]["clip_pretrained"],
+        script:
+            "../workflow_scripts/import_baseline.py"

@@ -1,0 +1,56 @@
+for hnc_split in HNC_SPLITS:
+
+    rule:
+        name:
+            f"preprocess_hnc_{hnc_split}"
+        input:
+            json=raw_path(f"hnc_{hnc_split}"),
+            ready=raw_input(f"hnc_{hnc_split}"),
+            images_ready=raw_input("gqa_images"),
+        output:
+            shards=hnc_shards(hnc_split),
+            stats=f"results/data/hnc/{hnc_split}/stats.json",
+        log:
+            f"logs/preprocess_hnc/{hnc_split}.log",
+        benchmark:
+            f"benchmarks/preprocess_hnc/{hnc_split}.tsv"
+        conda:
+            "../envs/data.yaml"
+        threads: 1
+        resources:
+            mem_mb=scaled("default", "mem_mb"),
+            runtime=scaled("default", "runtime"),
+        params:
+            images_dir=raw_path("gqa_images"),
+            n_shards=config["preprocess"]["hnc_shards"][hnc_split],
+            on_missing_image=config["preprocess"]["on_missing_image"],
+        script:
+            "../workflow_scripts/preprocess_hnc.py"
+
+
+rule preprocess_vqa:
+    input:
+        vqa_raw_inputs,
+    output:
+        "results/data/vqa/{dataset}/questions.parquet",
+    log:
+        "logs/preprocess_vqa/{dataset}.log",
+    conda:
+        "../envs/data.yaml"
+    threads: 1
+    resources:
+        mem_mb=scaled("default", "mem_mb"),
+        runtime=scaled("default", "runtime"),
+    params:
+        dataset="{dataset}",
+        paths=lambda wildcards: vqa_raw_paths(wildcards.dataset),
+        subsample=lambda wildcards: (
+            config["preprocess"]["vqa_subsample"]
+            if wildcards.dataset == "vqav2"
+            else None
+        ),
+        seed=config["preprocess"]["subsample_seed"],
+        use_ocr=config["llava"]["textvqa_ocr"],
+        on_missing_image=config["preprocess"]["on_missing_image"],
+    script:
+        "../workflow_scripts/preprocess_vqa.py"

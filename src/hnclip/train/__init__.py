@@ -1,0 +1,68 @@
+"""Training entry points used by the pipeline's rules: the demo baseline and one grid cell."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from hnclip.models import create_clip, load_clip, save_clip
+from hnclip.provenance import provenance
+from hnclip.io import write_json
+from hnclip.train import distributed
+from hnclip.train.data import read_shards
+from hnclip.train.trainer import Preempted, Trainer, TrainSettings
+
+__all__ = ["Preempted", "TrainSettings", "run_training"]
+
+log = logging.getLogger(__name__)
+
+
+def run_training(
+    settings: TrainSettings,
+    *,
+    model_name: str,
+    init_weights: str | Path | None,
+    train_shards: Sequence[str | Path],
+    val_shards: Sequence[str | Path],
+    state_dir: str | Path,
+    out_weights: str | Path,
+    out_log: str | Path,
+    out_provenance: str | Path,
+    config: dict | None = None,
+    device: str | None = None,
+) -> None:
+    """Train from ``init_weights`` (None = random init), resuming from ``state_dir`` when it holds a state.
+
+    The final weights, the per-step CSV log and provenance are written only at the end; the resume state stays in
+    ``state_dir``, outside the rule's declared outputs, so Snakemake never deletes it when it cleans a failed job.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, _ = distributed.init_from_env()
+    if init_weights is None:
+        model, preprocess, tokenizer = create_clip(model_name)
+    else:
+        model, preprocess, tokenizer = load_clip(model_name, init_weights)
+    model.train()
+    trainer = Trainer(
+        settings, model, tokenizer, preprocess,
+        train_pairs=read_shards(train_shards),
+        val_pairs=read_shards(val_shards) if val_shards else None,
+        state_dir=state_dir, device=device,
+    )
+    trainer.train()
+    if rank != 0:
+        return
+    save_clip(model, out_weights, metadata={"model_name": model_name, "steps": str(settings.steps)})
+    shutil.copyfile(trainer.log_path, out_log)
+    write_json(
+        out_provenance,
+        provenance(
+            config, seed=settings.seed, inputs=[*train_shards, *val_shards, *([init_weights] if init_weights else [])],
+            checksum_inputs=True, settings=settings.__dict__, model_name=model_name,
+        ),
+    )
+    log.info("wrote %s", out_weights)

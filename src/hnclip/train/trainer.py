@@ -1,0 +1,287 @@
+"""The training recipe: one class of small methods (setup, train, step, validate, checkpoint).
+
+It serves both the demo's baseline pre-training (plain CLIP loss on positives) and every grid cell's fine-tuning
+(the seed's hard-negative loss), on CPU or CUDA, single process or torchrun.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from hnclip.io import atomic_path
+from hnclip.losses import hard_negative_accuracy, hnc_contrastive_loss, plain_clip_loss
+from hnclip.train import distributed
+from hnclip.train.checkpoint import load_state, save_state
+from hnclip.train.data import BatchMaker, BatchPlan, PairData, load_image_tensors, tokenize_all
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS = [
+    "step", "epoch", "loss", "image_to_text", "text_to_image", "lr", "samples_per_s",
+    "hard_negative_accuracy", "val_pairwise_accuracy",
+]
+
+
+class Preempted(RuntimeError):
+    """SLURM asked the job to stop (SIGTERM/SIGUSR1); the resume state was saved at ``step``."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by signal {signum} after step {step}; resume state saved, rerun to continue")
+        self.step = step
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    tau: float
+    alpha: float = 0.0
+    loss: str = "hnc"  # "hnc" (the seed's loss) or "clip" (plain CLIP loss, demo baseline)
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    train_towers: str = "both"
+    hard_negatives_per_image: int = 1
+    extra_random_negatives: int = 0
+    val_every: int = 100
+    val_pairs: int = 500
+    checkpoint_every: int = 100
+
+
+def learning_rate(step: int, settings: TrainSettings) -> float:
+    """Linear warmup to ``lr``, then cosine decay to 0 at the last step."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return 0.5 * settings.lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def trainable_parameters(model: torch.nn.Module, towers: str) -> list[torch.nn.Parameter]:
+    """Freeze what must not train: the temperature always (tau is fixed per cell), the text tower if asked."""
+    selected = []
+    for name, parameter in model.named_parameters():
+        is_scale = name.startswith("logit_")
+        is_vision = name.startswith("visual.")
+        parameter.requires_grad_(not is_scale and (towers == "both" or is_vision))
+        if parameter.requires_grad:
+            selected.append(parameter)
+    return selected
+
+
+class Trainer:
+    def __init__(
+        self,
+        settings: TrainSettings,
+        model: torch.nn.Module,
+        tokenizer: Callable,
+        preprocess: Callable,
+        train_pairs: pd.DataFrame,
+        val_pairs: pd.DataFrame | None,
+        state_dir: str | Path,
+        device: str = "cpu",
+    ):
+        self.settings, self.model, self.device = settings, model.to(device), torch.device(device)
+        self.tokenizer, self.preprocess = tokenizer, preprocess
+        self.train_pairs, self.val_pairs = train_pairs, val_pairs
+        self.state_dir = Path(state_dir)
+        self.log_path = self.state_dir / "train_log.csv"
+        self.rank, self.world_size = distributed.rank_and_world()
+        self._stop_signal: int | None = None
+
+    # ---- setup -------------------------------------------------------------------------------------------------
+    def setup(self) -> int:
+        """Build data, optimizer and (when a state exists) resume; returns the first step to run."""
+        torch.manual_seed(self.settings.seed)
+        self._setup_data()
+        self.parameters = trainable_parameters(self.model, self.settings.train_towers)
+        self.optimizer = torch.optim.AdamW(
+            self.parameters, lr=self.settings.lr, weight_decay=self.settings.weight_decay
+        )
+        meta = load_state(self.state_dir, self.model, self.optimizer)
+        start = 0 if meta is None else int(meta["step"])
+        if meta is not None:
+            log.info("resuming from %s at step %d", self.state_dir, start)
+        self._truncate_log(start)
+        return start
+
+    def _setup_data(self) -> None:
+        s = self.settings
+        data = PairData.from_pairs(self.train_pairs)
+        log.info("train: %d pairs on %d images, %d captions", len(self.train_pairs), data.n_images, len(data.captions))
+        images = load_image_tensors(data.image_paths, self.preprocess, desc="train images")
+        captions = tokenize_all(self.tokenizer, data.captions)
+        plan = BatchPlan(data, s.batch_size, s.seed, s.hard_negatives_per_image, s.extra_random_negatives)
+        self.batches = BatchMaker(plan, images, captions)
+        self.val = self._setup_validation() if self.val_pairs is not None else None
+
+    def _setup_validation(self) -> dict:
+        """A fixed subset of val pairs (independent of the cell's seed, so every cell is validated alike)."""
+        pairs = self.val_pairs
+        if len(pairs) > self.settings.val_pairs:
+            pairs = pairs.sample(n=self.settings.val_pairs, random_state=0)
+        image_codes, image_ids = pd.factorize(pairs["image_id"])
+        paths = pairs.groupby(image_codes, sort=True)["image_path"].first().tolist()
+        return {
+            "images": load_image_tensors(paths, self.preprocess, desc="val images"),
+            "image_index": torch.from_numpy(image_codes.astype(np.int64)),
+            "positive": tokenize_all(self.tokenizer, pairs["positive"].tolist()),
+            "negative": tokenize_all(self.tokenizer, pairs["negative"].tolist()),
+        }
+
+    # ---- training ----------------------------------------------------------------------------------------------
+    def train(self) -> None:
+        start = self.setup()
+        self._install_signal_handlers()
+        progress = tqdm(range(start, self.settings.steps), initial=start, total=self.settings.steps,
+                        desc="train", mininterval=10, disable=self.rank != 0)
+        for step in progress:
+            row = self.step(step)
+            if (step + 1) % self.settings.val_every == 0 or step + 1 == self.settings.steps:
+                row["val_pairwise_accuracy"] = self.validate()
+            self._append_log(row)
+            if (step + 1) % self.settings.checkpoint_every == 0 or self._stop_signal is not None:
+                self.save_checkpoint(step + 1)
+            if self._stop_signal is not None:
+                raise Preempted(step + 1, self._stop_signal)
+        self.save_checkpoint(self.settings.steps)
+
+    def step(self, step: int) -> dict:
+        s = self.settings
+        started = time.perf_counter()
+        lr = learning_rate(step, s)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.batches.batch(step, self.rank, self.world_size)
+        with self._autocast():
+            features = self._encode_batch(batch)
+            loss, parts = self._loss(features)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.average_gradients(self.parameters)
+        torch.nn.utils.clip_grad_norm_(self.parameters, s.grad_clip)
+        self.optimizer.step()
+        elapsed = time.perf_counter() - started
+        return {
+            "step": step + 1,
+            "epoch": self.batches.plan.epoch_of(step),
+            "loss": float(loss),
+            "image_to_text": float(parts["image_to_text"]),
+            "text_to_image": float(parts["text_to_image"]),
+            "lr": lr,
+            "samples_per_s": s.batch_size / elapsed,
+            "hard_negative_accuracy": self._hard_negative_accuracy(features),
+            "val_pairwise_accuracy": "",
+        }
+
+    def _encode_batch(self, batch) -> dict[str, torch.Tensor]:
+        """Encode every text of the batch in one call, then gather all ranks' rows (with gradient)."""
+        n = batch.texts.shape[0]
+        # the plain CLIP loss (demo baseline) has no use for hard negatives: do not pay to encode them
+        k = 0 if self.settings.loss == "clip" else batch.hard_negatives.shape[1]
+        m = 0 if batch.extra_negatives is None else batch.extra_negatives.shape[1]
+        texts = [batch.texts, batch.hard_negatives[:, :k].flatten(0, 1)]
+        if m:
+            texts.append(batch.extra_negatives.flatten(0, 1))
+        text_features = self.model.encode_text(torch.cat(texts).to(self.device))
+        image_features = self.model.encode_image(batch.images.to(self.device))
+        gather = distributed.gather_with_grad
+        features = {
+            "image": gather(image_features),
+            "text": gather(text_features[:n]),
+            "hard": gather(text_features[n : n + n * k].reshape(n, k, -1)),
+            "ids": gather(batch.image_ids.to(self.device)),
+        }
+        features["extra"] = gather(text_features[n + n * k :].reshape(n, m, -1)) if m else None
+        return features
+
+    @staticmethod
+    def _hard_negative_accuracy(features: dict) -> float | str:
+        if features["hard"].shape[1] == 0:
+            return ""
+        return float(hard_negative_accuracy(features["image"], features["text"], features["hard"]))
+
+    def _loss(self, f: dict) -> tuple[torch.Tensor, dict]:
+        s = self.settings
+        if s.loss == "clip":
+            parts = plain_clip_loss(f["image"], f["text"], tau=s.tau, image_ids=f["ids"], return_parts=True)
+        else:
+            parts = hnc_contrastive_loss(
+                f["image"], f["text"], f["hard"], alpha=s.alpha, tau=s.tau,
+                extra_negative_features=f["extra"], image_ids=f["ids"], return_parts=True,
+            )
+        return parts["loss"], parts
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Pairwise accuracy on the fixed val subset: s(image, positive) > s(image, negative)."""
+        if self.val is None:
+            return float("nan")
+        self.model.eval()
+        with self._autocast():
+            images = torch.nn.functional.normalize(self.model.encode_image(self.val["images"].to(self.device)), dim=-1)
+            positive = torch.nn.functional.normalize(self.model.encode_text(self.val["positive"].to(self.device)), dim=-1)
+            negative = torch.nn.functional.normalize(self.model.encode_text(self.val["negative"].to(self.device)), dim=-1)
+        self.model.train()
+        image = images[self.val["image_index"].to(self.device)]
+        correct = (image * positive).sum(-1) > (image * negative).sum(-1)
+        return float(correct.float().mean())
+
+    # ---- checkpoint, log, signals -------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> None:
+        if self.rank == 0:
+            save_state(self.state_dir, self.model, self.optimizer, step)
+            log.info("saved resume state at step %d", step)
+
+    def _append_log(self, row: dict) -> None:
+        if self.rank != 0:
+            return
+        new = not self.log_path.exists()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if row["step"] % 50 == 0 or row["val_pairwise_accuracy"] != "":
+            log.info("step %d loss %.4f lr %.2e %.0f samples/s hn-acc %s val %s", row["step"], row["loss"],
+                     row["lr"], row["samples_per_s"], row["hard_negative_accuracy"], row["val_pairwise_accuracy"])
+
+    def _truncate_log(self, start: int) -> None:
+        """Drop log rows past the resumed step: they belong to work that is about to be redone."""
+        if self.rank != 0 or not self.log_path.exists():
+            return
+        if start == 0:
+            self.log_path.unlink()
+            return
+        rows = [r for r in csv.DictReader(open(self.log_path)) if int(r["step"]) <= start]
+        with atomic_path(self.log_path) as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            log.warning("signal %d received: saving state after this step", signum)
+            self._stop_signal = signum
+
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, request_stop)

@@ -1,0 +1,62 @@
+"""Config validation: defaults fill every key, and each kind of bad value stops with a message naming the key."""
+
+import copy
+
+import pytest
+
+from hnclip.config import REPO_ROOT, ConfigError, load_schema, load_yaml, validate_config
+
+
+@pytest.fixture(scope="module")
+def schema():
+    return load_schema()
+
+
+def test_both_shipped_configs_validate(schema):
+    for name in ["config.yaml", "config.demo.yaml"]:
+        validate_config(load_yaml(REPO_ROOT / name), schema, base_dir=REPO_ROOT)
+
+
+def test_defaults_fill_every_described_key(schema):
+    completed = validate_config({}, schema)
+    assert completed["finetune"]["grid"] == {"alpha": [0.0, 1.0, 5.0], "tau": [0.05, 0.1], "seed": [0, 1, 2]}
+    assert completed["resources"]["finetune"] == {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0}
+
+
+def _walk_properties(node, root, path=""):
+    from hnclip.config import _resolve_ref
+
+    for key, sub in node.get("properties", {}).items():
+        sub = _resolve_ref(sub, root)
+        yield f"{path}{key}", sub
+        yield from _walk_properties(sub, root, f"{path}{key}.")
+
+
+def test_schema_types_describes_and_defaults_every_key(schema):
+    for key, sub in _walk_properties(schema, schema):
+        assert "type" in sub, key
+        assert "default" in sub, key
+        if sub.get("type") == "object":
+            assert sub.get("additionalProperties") is False, key
+        else:
+            assert sub.get("description"), key
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"bogus": 1}, "'bogus' was unexpected"),
+        ({"finetune": {"bogus": 1}}, "config key finetune: Additional properties"),
+        ({"finetune": {"grid": {"alpha": [0.0, -1.0]}}}, "config key finetune.grid.alpha[1]: -1.0 is less than the minimum of 0"),
+        ({"finetune": {"grid": {"tau": [0.0]}}}, "config key finetune.grid.tau[0]: 0.0 is less than or equal to the minimum of 0"),
+        ({"finetune": {"grid": {"seed": []}}}, "config key finetune.grid.seed: must not be empty"),
+        ({"finetune": {"grid": {"tau": [0.05, 0.05]}}}, "config key finetune.grid.tau: duplicate grid values"),
+        ({"finetune": {"lr": "fast"}}, "config key finetune.lr: 'fast' is not of type 'number'"),
+        ({"paths": {"hnc_test": "no/such/file.json"}}, "config key paths.hnc_test: no/such/file.json does not exist"),
+        ({"data_source": "web"}, "config key data_source: 'web' is not one of"),
+    ],
+)
+def test_bad_values_name_the_key(schema, override, message):
+    with pytest.raises(ConfigError) as error:
+        validate_config(copy.deepcopy(override), schema)
+    assert message in str(error.value)

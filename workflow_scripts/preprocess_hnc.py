@@ -1,0 +1,17 @@
+from pathlib import Path
+
+from hnclip.data.hnc import write_pair_shards
+from hnclip.workflow import run_logged
+
+
+def main(smk):
+    write_pair_shards(
+        smk.input.json,
+        Path(smk.output.stats).parent,
+        n_shards=smk.params.n_shards,
+        images_dir=smk.params.images_dir,
+        on_missing_image=smk.params.on_missing_image,
+    )
+
+
+run_logged(snakemake, main)

@@ -1,0 +1,16 @@
+from hnclip.data.vqa import read_textvqa, read_vqav2, stratified_subsample, write_questions
+from hnclip.workflow import run_logged
+
+
+def main(smk):
+    paths, params = smk.params.paths, smk.params
+    if params.dataset == "vqav2":
+        questions = read_vqav2(paths["questions"], paths["annotations"], paths["images"])
+    else:
+        questions = read_textvqa(paths["questions"], paths["images"], ocr_json=paths["ocr"])
+    if params.subsample:
+        questions = stratified_subsample(questions, params.subsample, params.seed)
+    write_questions(questions, smk.output[0])
+
+
+run_logged(snakemake, main)
