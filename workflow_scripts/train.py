@@ -1,10 +1,13 @@
-from hnclip.train import TrainSettings, run_training
+import json
+from pathlib import Path
+
+from hnclip.train import TrainSettings, launch_torchrun, run_training
 from hnclip.workflow import run_logged
 
 
 def main(smk):
-    run_training(
-        TrainSettings(**smk.params.settings),
+    spec = dict(
+        settings=dict(smk.params.settings),
         model_name=smk.params.model_name,
         init_weights=smk.input.get("baseline"),
         train_shards=list(smk.input.train),
@@ -15,6 +18,14 @@ def main(smk):
         out_provenance=smk.output.provenance,
         config=smk.params.config,
     )
+    gpus = int(smk.resources.get("gpu", 0))
+    if gpus > 1:  # one cell on several GPUs of one node: torchrun, one process per GPU
+        spec_path = Path(smk.params.state_dir) / "spec.json"
+        spec_path.parent.mkdir(parents=True, exist_ok=True)
+        spec_path.write_text(json.dumps(spec, default=str))
+        launch_torchrun(spec_path, gpus)
+    else:
+        run_training(TrainSettings(**spec.pop("settings")), **spec)
 
 
 run_logged(snakemake, main)

@@ -42,6 +42,7 @@ def run_training(
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, _ = distributed.init_from_env()
+    torch.manual_seed(settings.seed)  # a random init (the demo baseline) is part of the run's seed too
     if init_weights is None:
         model, preprocess, tokenizer = create_clip(model_name)
     else:
@@ -66,3 +67,14 @@ def run_training(
         ),
     )
     log.info("wrote %s", out_weights)
+
+
+def launch_torchrun(spec_path: str | Path, n_processes: int) -> None:
+    """Run ``python -m hnclip.train spec_path`` under torchrun with one process per GPU of this node."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_processes}",
+               "-m", "hnclip.train", str(spec_path)]
+    log.info("launching %s", " ".join(command))
+    subprocess.run(command, check=True)

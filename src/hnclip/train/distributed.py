@@ -7,7 +7,7 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+from torch.distributed import _functional_collectives as collectives
 
 
 def is_distributed() -> bool:
@@ -34,7 +34,7 @@ def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's rows in rank order; gradients flow back to each rank's own rows."""
     if not is_distributed():
         return features
-    return torch.cat(dist_fn.all_gather(features), dim=0)
+    return collectives.all_gather_single_autograd(features.contiguous(), 0, dist.group.WORLD)
 
 
 def average_gradients(parameters) -> None:

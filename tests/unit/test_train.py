@@ -1,0 +1,176 @@
+"""The training recipe: batch plans, schedule, bit-identical resume after a kill, torchrun-equivalent gradients."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from hnclip.train.data import BatchPlan, PairData
+from hnclip.train.trainer import TrainSettings, learning_rate, trainable_parameters
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 30)}
+
+
+def _write_pairs(root: Path, n_images: int = 24) -> Path:
+    """Tiny images (two coloured squares) with one true and one swapped relation caption each."""
+    rows = []
+    names = list(COLOURS)
+    for i in range(n_images):
+        left, right = names[i % 4], names[(i // 4 + 1 + i % 4) % 4]
+        image = Image.new("RGB", (32, 32), (255, 255, 255))
+        image.paste(COLOURS[left], (2, 10, 12, 20))
+        image.paste(COLOURS[right], (20, 10, 30, 20))
+        path = root / f"{i}.jpg"
+        image.save(path)
+        for k, (pos, neg) in enumerate(
+            [(f"a {left} square left of a {right} square", f"a {right} square left of a {left} square"),
+             (f"a {right} square right of a {left} square", f"a {left} square right of a {right} square")]
+        ):
+            rows.append(dict(image_id=str(i), image_path=str(path), positive=pos, negative=neg,
+                             type="relation_obj", type_group="relation", positive_id=str(2 * k), negative_id=str(2 * k + 1)))
+    shard = root / "part-00000.parquet"
+    pd.DataFrame(rows).to_parquet(shard)
+    return shard
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    return _write_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+def _settings(**overrides):
+    base = dict(steps=12, batch_size=8, lr=1e-3, seed=3, tau=0.07, alpha=2.0, warmup_steps=2, val_every=6,
+                val_pairs=16, checkpoint_every=3, extra_random_negatives=2)
+    base.update(overrides)
+    return base
+
+
+def test_batch_plan_is_a_pure_function_of_seed_and_step(shard):
+    data = PairData.from_pairs(pd.read_parquet(shard))
+    plan, again = BatchPlan(data, 8, seed=1, k_hard=2, m_extra=3), BatchPlan(data, 8, seed=1, k_hard=2, m_extra=3)
+    for step in [0, 1, 2, 5, 9]:
+        images, positives, hard, extra = plan.rows(step)
+        assert len(set(images)) == 8  # N distinct images
+        for a, b in zip(plan.rows(step), again.rows(step)):
+            np.testing.assert_array_equal(a, b)
+        assert not (extra == positives[:, None]).any()
+        for row, image in enumerate(images):  # every hard negative is one of the image's own negatives
+            own = set(data.row_negative[data.image_rows[image]])
+            assert set(hard[row]) <= own
+    epoch = np.concatenate([plan.rows(s)[0] for s in range(plan.batches_per_epoch)])
+    assert sorted(epoch) == list(range(24))  # one epoch visits every image once
+    assert not np.array_equal(plan.rows(0)[0], BatchPlan(data, 8, seed=2).rows(0)[0])
+
+
+def test_batch_plan_refuses_more_rows_than_images(shard):
+    data = PairData.from_pairs(pd.read_parquet(shard))
+    with pytest.raises(ValueError, match="finetune.batch_size=64 needs at least that many distinct images"):
+        BatchPlan(data, 64, seed=0)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    s = TrainSettings(**_settings(steps=10, lr=1.0, warmup_steps=2))
+    assert [learning_rate(i, s) for i in (0, 1)] == [0.5, 1.0]
+    assert learning_rate(2, s) == pytest.approx(1.0)
+    assert learning_rate(6, s) == pytest.approx(0.5)
+    assert learning_rate(10, s) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_vision_only_freezes_text_tower_and_temperature():
+    from hnclip.models import create_clip
+
+    model, _, _ = create_clip("hnclip-tiny")
+    trainable = {id(p) for p in trainable_parameters(model, "vision")}
+    for name, parameter in model.named_parameters():
+        assert (id(parameter) in trainable) == name.startswith("visual."), name
+
+
+def _spec(shard, out: Path, **settings) -> Path:
+    spec = dict(
+        settings=_settings(**settings), model_name="hnclip-tiny", init_weights=None,
+        train_shards=[str(shard)], val_shards=[str(shard)], state_dir=str(out / "state"),
+        out_weights=str(out / "model.safetensors"), out_log=str(out / "train_log.csv"),
+        out_provenance=str(out / "provenance.json"), config={"test": True}, device="cpu",
+    )
+    path = out / "spec.json"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _train(spec: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "hnclip.train", str(spec)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _wait_for_state_step(state_dir: Path, at_least: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        meta = state_dir / "state.json"
+        if meta.exists():
+            step = json.loads(meta.read_text())["step"]
+            if step >= at_least:
+                return step
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise TimeoutError("training made no progress")
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_with_bit_identical_weights(shard, tmp_path):
+    straight = _train(_spec(shard, tmp_path / "straight"))
+    interrupted = tmp_path / "interrupted"
+    proc = _train(_spec(shard, interrupted))
+    kill_after = random.Random().randint(3, 9)  # a random checkpointed step, then a hard kill (no chance to save)
+    _wait_for_state_step(interrupted / "state", kill_after, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (interrupted / "model.safetensors").exists()
+    resumed = _train(_spec(shard, interrupted))
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    assert "resuming from" in resumed.stdout.read()
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+    a, b = load_file(tmp_path / "straight/model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = pd.read_csv(interrupted / "train_log.csv")
+    assert log["step"].tolist() == list(range(1, 13))  # no duplicated or missing rows after the resume
+    assert log["val_pairwise_accuracy"].notna().sum() == 2
+
+
+@pytest.mark.slow
+def test_sigterm_saves_state_and_the_rerun_finishes(shard, tmp_path):
+    out = tmp_path / "term"
+    proc = _train(_spec(shard, out, checkpoint_every=100))
+    _wait_for_log_rows(out / "state" / "train_log.csv", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "resume state saved" in output
+    saved = json.loads((out / "state" / "state.json").read_text())["step"]
+    assert 2 <= saved < 12
+    rerun = _train(_spec(shard, out, checkpoint_every=100))
+    assert rerun.wait(timeout=300) == 0
+    assert pd.read_csv(out / "train_log.csv")["step"].tolist() == list(range(1, 13))
+
+
+def _wait_for_log_rows(path: Path, rows: int, proc, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) > rows:
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise TimeoutError("no log rows")
