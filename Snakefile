@@ -9,6 +9,7 @@ configfile: "config.yaml"
 
 
 include: "rules/common.smk"
+include: "rules/download.smk"
 include: "rules/synth.smk"
 include: "rules/preprocess.smk"
 include: "rules/baseline.smk"

@@ -55,6 +55,41 @@ SYNTH_LLAVA_TRAIN = {
     },
 }
 
+# ---- real downloads (resources/manifest.yaml) --------------------------------------------------------------------
+MANIFEST = "resources/manifest.yaml"
+# config path key -> (manifest entry, where the entry puts it under resources/)
+DOWNLOADS = {
+    "gqa_images": ("gqa_images", "raw/gqa/images"),
+    "hnc_train": ("hnc_train", "raw/hnc/hnc_clean_strict_train.json"),
+    "hnc_val": ("hnc_val", "raw/hnc/hnc_clean_strict_val.json"),
+    "hnc_test": ("hnc_test", "raw/hnc/hnc_clean_strict_test.json"),
+    "vqav2_questions": (
+        "vqav2_val_questions",
+        "raw/vqav2/v2_OpenEnded_mscoco_val2014_questions.json",
+    ),
+    "vqav2_annotations": (
+        "vqav2_val_annotations",
+        "raw/vqav2/v2_mscoco_val2014_annotations.json",
+    ),
+    "vqav2_images": ("coco_val2014_images", "raw/vqav2/val2014"),
+    "textvqa_questions": ("textvqa_val", "raw/textvqa/TextVQA_0.5.1_val.json"),
+    "textvqa_ocr": (
+        "textvqa_rosetta_ocr_val",
+        "raw/textvqa/TextVQA_Rosetta_OCR_v0.2_val.json",
+    ),
+    "textvqa_images": ("textvqa_images", "raw/textvqa/train_images"),
+    "zeroshot": ("cifar100", "raw/cifar100/cifar-100-python"),
+    "clip_weights": (
+        "clip_vit_l14_336_openai",
+        "models/clip/ViT-L-14-336-openai/open_clip_model.safetensors",
+    ),
+    "llava_base": ("llava_1_5_7b_hf", "models/llava/llava-1.5-7b-hf"),
+}
+DOWNLOAD_PATHS = {key: f"resources/{path}" for key, (_, path) in DOWNLOADS.items()}
+DOWNLOAD_MARKERS = {
+    key: f"resources/.fetched/{entry}.json" for key, (entry, _) in DOWNLOADS.items()
+}
+
 IS_DEMO = config["data_source"] == "synth"
 GRID = config["finetune"]["grid"]
 CELLS = grid_cells(GRID["alpha"], GRID["tau"], GRID["seed"])
@@ -71,9 +106,11 @@ def raw_path(key):
 
 
 def raw_input(key):
-    """What a rule waits for before reading a raw input (folders are signalled by a marker file)."""
+    """What a rule waits for before reading a raw input: the user's own file or folder, else the marker file of
+    the rule that makes it (the synthetic world, or the download of its manifest entry).
+    """
     if config["paths"][key] is not None:
-        return []
+        return config["paths"][key]
     if IS_DEMO:
         return SYNTH_MARKER
     return DOWNLOAD_MARKERS[key]
@@ -109,13 +146,7 @@ VQA_INPUT_KEYS = {
 
 
 def vqa_raw_inputs(wildcards):
-    keys = VQA_INPUT_KEYS[wildcards.dataset]
-    files = [
-        raw_path(k)
-        for k in keys
-        if not k.endswith("images") and raw_path(k) is not None
-    ]
-    return files + [m for k in keys for m in [raw_input(k)] if m]
+    return sorted({raw_input(key) for key in VQA_INPUT_KEYS[wildcards.dataset]})
 
 
 def vqa_raw_paths(dataset):

@@ -4,8 +4,7 @@ for hnc_split in HNC_SPLITS:
         name:
             f"preprocess_hnc_{hnc_split}"
         input:
-            json=raw_path(f"hnc_{hnc_split}"),
-            ready=raw_input(f"hnc_{hnc_split}"),
+            json_ready=raw_input(f"hnc_{hnc_split}"),
             images_ready=raw_input("gqa_images"),
         output:
             shards=hnc_shards(hnc_split),
@@ -21,6 +20,7 @@ for hnc_split in HNC_SPLITS:
             mem_mb=scaled("default", "mem_mb"),
             runtime=scaled("default", "runtime"),
         params:
+            json=raw_path(f"hnc_{hnc_split}"),
             images_dir=raw_path("gqa_images"),
             n_shards=config["preprocess"]["hnc_shards"][hnc_split],
             on_missing_image=config["preprocess"]["on_missing_image"],

@@ -6,7 +6,7 @@ from hnclip.workflow import run_logged
 
 def main(smk):
     write_pair_shards(
-        smk.input.json,
+        smk.params.json,
         Path(smk.output.stats).parent,
         n_shards=smk.params.n_shards,
         images_dir=smk.params.images_dir,

@@ -1,0 +1,27 @@
+# Real data and weights into resources/ (entries of resources/manifest.yaml): resumable, verified, atomic.
+# Nothing here runs when a config path points at data the user already has.
+if config["downloads"]["local"]:
+
+    localrules:
+        download,
+
+
+rule download:
+    output:
+        "resources/.fetched/{entry}.json",
+    log:
+        "logs/download/{entry}.log",
+    conda:
+        "../envs/data.yaml"
+    resources:
+        runtime=scaled("default", "runtime"),
+    params:
+        manifest=MANIFEST,
+        resources_dir="resources",
+    script:
+        "../workflow_scripts/download.py"
+
+
+rule download_all:
+    input:
+        [DOWNLOAD_MARKERS[key] for key in DOWNLOADS if config["paths"][key] is None],
