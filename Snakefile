@@ -14,6 +14,7 @@ include: "rules/synth.smk"
 include: "rules/preprocess.smk"
 include: "rules/baseline.smk"
 include: "rules/finetune.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:

@@ -5,7 +5,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from hnclip.config import ConfigError, validate_config
-from hnclip.grid import cell_path, grid_cells, parse_cell
+from hnclip.grid import cell_path, control_cell, grid_cells, parse_cell
 
 try:
     config.update(validate_config(config, base_dir=workflow.basedir))
@@ -209,6 +209,58 @@ def pretrain_settings():
     )
 
 
+# ---- evaluation ---------------------------------------------------------------------------------------------------
+def comparison_models(model):
+    """The models a result is compared with on the same items: the baseline and the alpha = 0 control."""
+    if model == "baseline":
+        return {}
+    references = {"baseline": "baseline"}
+    control = control_cell(model)
+    if control != model:
+        references["control"] = control
+    return references
+
+
+def eval_references(wildcards):
+    """Per-item results of the comparison models: {benchmark: {name: Parquet path}}."""
+    others = comparison_models(wildcards.model)
+    return {
+        benchmark: {
+            name: f"results/eval/{other}/{benchmark}_items.parquet"
+            for name, other in others.items()
+        }
+        for benchmark in ["hnc", "zeroshot"]
+    }
+
+
+def eval_reference_files(wildcards):
+    return [
+        path for paths in eval_references(wildcards).values() for path in paths.values()
+    ]
+
+
+def eval_settings():
+    e = config["evaluate"]
+    return dict(
+        batch_size=e["batch_size"], n_boot=e["n_boot"], seed=e["bootstrap_seed"]
+    )
+
+
+EVAL_BENCHMARKS = [
+    "hnc",
+    "zeroshot",
+    "drift",
+]  # one evaluate_encoder job writes all three
+
+
+def eval_outputs(models=None):
+    return [
+        f"results/eval/{m}/{b}.json"
+        for m in (models or MODELS)
+        for b in EVAL_BENCHMARKS
+    ]
+
+
 # ---- targets -----------------------------------------------------------------------------------------------------
 def get_final_output():
     """Every target of a full run."""
@@ -221,4 +273,5 @@ def get_final_output():
         dataset=config["llava"]["datasets"],
     )
     targets += [model_weights(model) for model in MODELS]
+    targets += eval_outputs()
     return targets

@@ -1,0 +1,40 @@
+# One job per model evaluates every encoder benchmark: the model is loaded once (one GPU job on SLURM).
+rule evaluate_encoder:
+    input:
+        weights=lambda wildcards: model_weights(wildcards.model),
+        baseline=BASELINE_WEIGHTS,
+        shards=hnc_shards("test"),
+        zeroshot=raw_input("zeroshot"),
+        references=eval_reference_files,
+    output:
+        hnc="results/eval/{model}/hnc.json",
+        hnc_items="results/eval/{model}/hnc_items.parquet",
+        zeroshot="results/eval/{model}/zeroshot.json",
+        zeroshot_items="results/eval/{model}/zeroshot_items.parquet",
+        drift="results/eval/{model}/drift.json",
+    log:
+        "logs/evaluate_encoder/{model}.log",
+    benchmark:
+        "benchmarks/evaluate_encoder/{model}.tsv"
+    conda:
+        "../envs/evaluate.yaml"
+    threads: resource("evaluate", "threads")
+    resources:
+        mem_mb=scaled("evaluate", "mem_mb"),
+        runtime=scaled("evaluate", "runtime"),
+        gpu=resource("evaluate", "gpu"),
+    params:
+        references=eval_references,
+        zeroshot_root=raw_path("zeroshot"),
+        zeroshot_format=config["evaluate"]["zeroshot_format"],
+        drift_images=config["evaluate"]["drift_images"],
+        model_name=config["model"]["clip_name"],
+        settings=eval_settings(),
+        config=config,
+    script:
+        "../workflow_scripts/evaluate_encoder.py"
+
+
+rule evaluate_all:
+    input:
+        eval_outputs(),
