@@ -8,7 +8,7 @@ from hnclip.config import ConfigError, validate_config
 from hnclip.grid import cell_path, control_cell, grid_cells, parse_cell
 
 try:
-    config.update(validate_config(config, base_dir=workflow.basedir))
+    config.update(validate_config(config, base_dir=Path.cwd()))
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 
@@ -106,8 +106,8 @@ def raw_path(key):
 
 
 def raw_input(key):
-    """What a rule waits for before reading a raw input: the user's own file or folder, else the marker file of
-    the rule that makes it (the synthetic world, or the download of its manifest entry).
+    """The file a job waits for before reading a raw input. It is the user's own file or folder, else the marker
+    file of the job that makes it (the synthetic world, or the download of its manifest entry).
     """
     if config["paths"][key] is not None:
         return config["paths"][key]

@@ -17,7 +17,8 @@ rule download:
         runtime=scaled("default", "runtime"),
     params:
         manifest=MANIFEST,
-        resources_dir="resources",
+        # resources/.fetched/{entry}.json -> resources
+        resources_dir=lambda wildcards, output: str(Path(output[0]).parent.parent),
     script:
         "../workflow_scripts/download.py"
 

@@ -1,0 +1,56 @@
+"""Helpers for workflow tests: run Snakemake from the venv on this repository's Snakefile in a tmp directory."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def run_snakemake(*args, cwd=REPO, timeout=900, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a (dry) run as {rule: count}."""
+    section = output.split("Job stats:", 1)[1]
+    counts = {}
+    for line in section.splitlines()[3:]:
+        match = re.fullmatch(r"(\S+)\s+(\d+)", line.strip())
+        if not match:
+            break
+        counts[match[1]] = int(match[2])
+    return counts
+
+
+def micro_config() -> dict:
+    """The demo configuration shrunk so the whole DAG runs in a few minutes (same rules, same code)."""
+    config = yaml.safe_load((REPO / "config.demo.yaml").read_text())
+    config["synth"].update(n_train=240, n_val=60, n_test=60, n_vqa_train=120, n_vqa_val=40,
+                           n_textvqa_train=60, n_textvqa_val=30, zeroshot_per_class=2)
+    config["pretrain"].update(steps=30, batch_size=16)
+    config["finetune"].update(grid={"alpha": [0.0, 2.0], "tau": [0.05], "seed": [0]}, steps=12, batch_size=16,
+                              warmup_steps=2, val_every=6, val_pairs=40, checkpoint_every=4)
+    config["evaluate"].update(n_boot=200, drift_images=20)
+    return config
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    def write(config: dict, name: str = "config.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return write

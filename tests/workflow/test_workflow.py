@@ -1,0 +1,125 @@
+"""The workflow as a whole: lint, formatting, job counts of dry runs, config errors, and a real run of the demo DAG."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.workflow.conftest import REPO, job_counts, micro_config, run_snakemake
+
+DEMO = ["--configfile", str(REPO / "config.demo.yaml"), "--replace-workflow-config"]
+THESIS = ["--configfile", str(REPO / "config.yaml")]
+
+
+def _grid_size(config_file):
+    grid = yaml.safe_load(config_file.read_text())["finetune"]["grid"]
+    return len(grid["alpha"]) * len(grid["tau"]) * len(grid["seed"])
+
+
+@pytest.mark.parametrize("config_args", [[], DEMO], ids=["thesis", "demo"])
+def test_lint_is_clean(config_args):
+    result = run_snakemake("--lint", *config_args)
+    assert "Lints for" not in result.stdout + result.stderr
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_snakefmt_check_is_clean():
+    snakefmt = [sys.executable, "-m", "snakefmt", "--check", "Snakefile", "rules/"]
+    result = subprocess.run(snakefmt, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def _expected_stage_counts(models: int, cells: int, demo: bool) -> dict[str, int]:
+    counts = {
+        "preprocess_hnc_train": 1,
+        "preprocess_hnc_val": 1,
+        "preprocess_hnc_test": 1,
+        "preprocess_vqa": 2,
+        "finetune": cells,
+        "evaluate_encoder": models,
+    }
+    counts.update({"synth": 1, "pretrain": 1} if demo else {"import_baseline": 1})
+    return counts
+
+
+def test_demo_dry_run_has_one_finetune_job_per_grid_cell(tmp_path):
+    counts = job_counts(run_snakemake("-n", "--directory", str(tmp_path), *DEMO).stdout)
+    cells = _grid_size(REPO / "config.demo.yaml")
+    assert cells == 18
+    for rule, expected in _expected_stage_counts(cells + 1, cells, demo=True).items():
+        assert counts.get(rule) == expected, (rule, counts)
+    assert "download" not in counts
+
+
+def test_thesis_dry_run_downloads_and_has_one_finetune_job_per_grid_cell(tmp_path):
+    counts = job_counts(run_snakemake("-n", "--directory", str(tmp_path), *THESIS).stdout)
+    cells = _grid_size(REPO / "config.yaml")
+    for rule, expected in _expected_stage_counts(cells + 1, cells, demo=False).items():
+        assert counts.get(rule) == expected, (rule, counts)
+    assert counts["download"] >= 10  # every raw input the thesis reads comes from the manifest
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"finetune": {"grid": {"alpha": [0.0, -1.0], "tau": [0.05], "seed": [0]}}}, "finetune.grid.alpha[1]"),
+        ({"finetune": {"grid": {"alpha": [0.0], "tau": [0.05], "seed": [0, 0]}}}, "finetune.grid.seed: duplicate"),
+        ({"finetune": {"grid": {"alpha": [], "tau": [0.05], "seed": [0]}}}, "finetune.grid.alpha: must not be empty"),
+        ({"finetune": {"grid": {"alpha": [1.0], "tau": [0.0], "seed": [0]}}}, "finetune.grid.tau[0]"),
+        ({"paths": {"hnc_test": "nowhere/test.json"}}, "paths.hnc_test: nowhere/test.json does not exist"),
+        ({"unknown_key": 1}, "'unknown_key' was unexpected"),
+    ],
+)
+def test_bad_config_stops_before_any_job(tmp_path, write_config, override, message):
+    config = yaml.safe_load((REPO / "config.demo.yaml").read_text())
+    for key, value in override.items():
+        config[key] = {**config[key], **value} if isinstance(config.get(key), dict) else value
+    path = write_config(config, "bad.yaml")
+    result = run_snakemake("--cores", "1", "--directory", str(tmp_path), "--configfile", str(path),
+                           "--replace-workflow-config", check=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()  # stopped before any job
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """The whole demo DAG, shrunk, run for real in a temporary directory."""
+    workdir = tmp_path_factory.mktemp("demo")
+    config_path = workdir / "micro.yaml"
+    config_path.write_text(yaml.safe_dump(micro_config()))
+    args = ["--cores", "2", "--directory", str(workdir), "--configfile", str(config_path), "--replace-workflow-config"]
+    result = run_snakemake(*args, timeout=1500)
+    return workdir, args, result
+
+
+@pytest.mark.slow
+def test_micro_demo_runs_every_stage(micro_run):
+    workdir, _, _ = micro_run
+    world = json.loads((workdir / "results/synth/world.json").read_text())
+    assert world  # the synthetic world in real formats
+    for split in ["train", "val", "test"]:
+        stats = json.loads((workdir / f"results/data/hnc/{split}/stats.json").read_text())
+        assert stats
+    cells = ["alpha~0.0/tau~0.05/seed~0", "alpha~2.0/tau~0.05/seed~0"]
+    for cell in cells:
+        assert (workdir / f"results/finetune/{cell}/model.safetensors").stat().st_size > 0
+        provenance = json.loads((workdir / f"results/finetune/{cell}/provenance.json").read_text())
+        assert provenance["seed"] == 0 and provenance["git_commit"]
+    for model in ["baseline", *cells]:
+        hnc = json.loads((workdir / f"results/eval/{model}/hnc.json").read_text())
+        assert any(r["subset"] == "relation" for r in hnc["rows"])
+    control_rows = json.loads((workdir / f"results/eval/{cells[1]}/hnc.json").read_text())["rows"]
+    assert all("delta_vs_control" in r and "delta_vs_baseline" in r for r in control_rows)
+    assert (workdir / "logs/finetune/alpha~2.0/tau~0.05/seed~0.log").read_text().strip()
+
+
+@pytest.mark.slow
+def test_rerunning_one_cell_touches_no_other_cell(micro_run):
+    workdir, args, _ = micro_run
+    target = "results/finetune/alpha~2.0/tau~0.05/seed~0/model.safetensors"
+    counts = job_counts(run_snakemake(target, "--forcerun", "finetune", "-n", *args).stdout)
+    assert counts == {"finetune": 1, "total": 1}
+    assert "Nothing to be done" in run_snakemake("-n", *args).stdout + run_snakemake("-n", *args).stderr
