@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hnclip.train.data import BatchPlan, PairData
-from hnclip.train.trainer import TrainSettings, learning_rate, trainable_parameters
+from hnclip.train.trainer import Trainer, TrainSettings, learning_rate, trainable_parameters
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 30)}
 
@@ -174,3 +174,20 @@ def _wait_for_log_rows(path: Path, rows: int, proc, timeout: float = 120) -> Non
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.05)
     raise TimeoutError("no log rows")
+
+
+def test_control_cell_skips_hard_negatives_without_changing_the_loss():
+    """alpha = 0 does not encode hard negatives; its loss equals the full formula with alpha = 0."""
+    from hnclip.losses import hnc_contrastive_loss
+
+    torch.manual_seed(0)
+    n, k, m, d = 6, 2, 3, 8
+    image, text, hard, extra = torch.randn(n, d), torch.randn(n, d), torch.randn(n, k, d), torch.randn(n, m, d)
+    ids = torch.arange(n)
+    for extra_features in (extra, None):
+        trainer = object.__new__(Trainer)
+        trainer.settings = TrainSettings(**_settings(alpha=0.0))
+        loss, parts = trainer._loss({"image": image, "text": text, "hard": None, "extra": extra_features, "ids": ids})
+        expected = hnc_contrastive_loss(image, text, hard, alpha=0.0, tau=0.07, extra_negative_features=extra_features,
+                                        image_ids=ids)
+        torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)

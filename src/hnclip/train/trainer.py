@@ -190,8 +190,10 @@ class Trainer:
     def _encode_batch(self, batch) -> dict[str, torch.Tensor]:
         """Encode every text of the batch in one call, then gather all ranks' rows (with gradient)."""
         n = batch.texts.shape[0]
-        # the plain CLIP loss (demo baseline) has no use for hard negatives: do not pay to encode them
-        k = 0 if self.settings.loss == "clip" else batch.hard_negatives.shape[1]
+        # the plain CLIP loss (demo baseline) and alpha = 0 (the control) give hard negatives no weight: do not pay
+        # to encode them
+        uses_hard = self.settings.loss == "hnc" and self.settings.alpha > 0
+        k = batch.hard_negatives.shape[1] if uses_hard else 0
         m = 0 if batch.extra_negatives is None else batch.extra_negatives.shape[1]
         texts = [batch.texts, batch.hard_negatives[:, :k].flatten(0, 1)]
         if m:
@@ -202,7 +204,7 @@ class Trainer:
         features = {
             "image": gather(image_features),
             "text": gather(text_features[:n]),
-            "hard": gather(text_features[n : n + n * k].reshape(n, k, -1)),
+            "hard": gather(text_features[n : n + n * k].reshape(n, k, -1)) if k else None,
             "ids": gather(batch.image_ids.to(self.device)),
         }
         features["extra"] = gather(text_features[n + n * k :].reshape(n, m, -1)) if m else None
@@ -210,19 +212,20 @@ class Trainer:
 
     @staticmethod
     def _hard_negative_accuracy(features: dict) -> float | str:
-        if features["hard"].shape[1] == 0:
+        if features["hard"] is None:
             return ""
         return float(hard_negative_accuracy(features["image"], features["text"], features["hard"]))
 
     def _loss(self, f: dict) -> tuple[torch.Tensor, dict]:
-        s = self.settings
-        if s.loss == "clip":
-            parts = plain_clip_loss(f["image"], f["text"], tau=s.tau, image_ids=f["ids"], return_parts=True)
-        else:
+        s, common = self.settings, dict(tau=self.settings.tau, image_ids=f["ids"], return_parts=True)
+        if f["hard"] is not None:
             parts = hnc_contrastive_loss(
-                f["image"], f["text"], f["hard"], alpha=s.alpha, tau=s.tau,
-                extra_negative_features=f["extra"], image_ids=f["ids"], return_parts=True,
+                f["image"], f["text"], f["hard"], alpha=s.alpha, extra_negative_features=f["extra"], **common
             )
+        elif f["extra"] is not None:  # alpha = 0 with random negatives, which weigh 1 like in-batch negatives
+            parts = hnc_contrastive_loss(f["image"], f["text"], f["extra"], alpha=1.0, **common)
+        else:  # the plain CLIP loss: the demo baseline, or alpha = 0 (the HNC term is exactly absent)
+            parts = plain_clip_loss(f["image"], f["text"], **common)
         return parts["loss"], parts
 
     def _autocast(self):
