@@ -1,6 +1,7 @@
 rule synth:
     output:
         world=SYNTH_MARKER,
+        provenance=f"{SYNTH_DIR}/provenance.json",
         files=[
             SYNTH_PATHS[k]
             for k in SYNTH_PATHS
