@@ -15,6 +15,7 @@ include: "rules/preprocess.smk"
 include: "rules/baseline.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
+include: "rules/estimate.smk"
 
 
 rule all:

@@ -1,0 +1,12 @@
+# `snakemake estimate` prints the GPU-hours of the configured grid per stage; it submits nothing.
+localrules:
+    estimate,
+
+
+rule estimate:
+    log:
+        "logs/estimate/estimate.log",
+    params:
+        config=config,
+    script:
+        "../workflow_scripts/estimate.py"
