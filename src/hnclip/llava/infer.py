@@ -1,0 +1,372 @@
+"""Batched, resumable greedy VQA inference with a transformers LLaVA, following the LLaVA-1.5 protocol.
+
+LLaVA's own scripts run batch size 1 because their batching changed answers. Here batches are left-padded
+with an attention mask; ``generate`` derives position ids from that mask, so every row sees the same
+positions and keys as it would alone (the tests check identical answers at batch 16 and batch 1).
+
+Output is one JSON line per question, flushed batch by batch. A killed job is resumed by calling
+``answer_questions`` again on the same file: complete lines are kept, a trailing partial line dropped, and
+only the missing questions are answered. ``gather_chunks`` turns chunk files into the final predictions file,
+atomically and only when no question is missing or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaForConditionalGeneration
+
+from hnclip.io import atomic_path
+from hnclip.llava.demo_model import PROTOCOL_FILE
+from hnclip.llava.prompt import (
+    expand_image_tokens,
+    llava15_prompt,
+    num_image_tokens,
+    pad_colour_from_mean,
+    preprocess_images,
+    prompt_variant,
+)
+
+logger = logging.getLogger(__name__)
+
+QUESTION_COLUMNS = ("question_id", "image_path", "question")
+# Settings that must agree between a resumed file's existing lines and the new run.
+RESUME_KEYS = ("prompt_variant", "max_new_tokens")
+
+
+class PredictionFileError(ValueError):
+    """A predictions file cannot be resumed or gathered: malformed lines, duplicates, gaps or mixed settings."""
+
+
+class QuestionTableError(ValueError):
+    """The question table given to inference is unusable (missing columns, duplicate ids, unreadable image)."""
+
+
+@dataclass
+class LlavaForInference:
+    """A LLaVA checkpoint loaded for VQA: model in eval mode, left-padding tokenizer, PIL CLIP processor."""
+
+    model: LlavaForConditionalGeneration
+    tokenizer: Any
+    image_processor: Any
+    pad_colour: tuple[int, int, int]
+
+
+def load_llava_for_inference(
+    checkpoint_dir: str | os.PathLike, *, device: str = "cpu", dtype: str | torch.dtype = "auto"
+) -> LlavaForInference:
+    """Load any HF LLaVA checkpoint directory (demo or ``llava-hf``-derived) for ``answer_questions``.
+
+    The pad colour comes from ``llava_protocol.json`` when present, else from LLaVA's rule (processor mean).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint_dir, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    tokenizer.padding_side = "left"
+    # The PIL backend matches the CLIPImageProcessor LLaVA-1.5 was evaluated with (PIL bicubic resize).
+    image_processor = CLIPImageProcessorPil.from_pretrained(checkpoint_dir)
+    protocol_file = checkpoint_dir / PROTOCOL_FILE
+    if protocol_file.is_file():
+        pad_colour = tuple(json.loads(protocol_file.read_text())["pad_colour"])
+    else:
+        pad_colour = pad_colour_from_mean(image_processor.image_mean)
+    return LlavaForInference(model, tokenizer, image_processor, pad_colour)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading and resuming prediction files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _parse_lines(path: Path, text: str) -> list[dict]:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PredictionFileError(f"{path}:{number}: not a JSON line ({error.msg})") from error
+        if not isinstance(record, dict) or "question_id" not in record or "prediction" not in record:
+            raise PredictionFileError(f"{path}:{number}: a prediction line needs question_id and prediction")
+        records.append(record)
+    return records
+
+
+def _index_by_question(path: Path, records: Iterable[dict]) -> dict[int, dict]:
+    indexed: dict[int, dict] = {}
+    for record in records:
+        question_id = int(record["question_id"])
+        if question_id in indexed:
+            raise PredictionFileError(f"{path}: question_id {question_id} appears more than once")
+        indexed[question_id] = record
+    return indexed
+
+
+def read_completed_predictions(path: str | os.PathLike, *, repair: bool = True) -> dict[int, dict]:
+    """The complete prediction lines of ``path`` by question id ({} if the file does not exist).
+
+    A trailing line without its newline is what a killed writer leaves: with ``repair`` the file is
+    truncated to its last complete line, otherwise it is an error. Any other malformed line is an error.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    complete_end = data.rfind(b"\n") + 1
+    if complete_end < len(data):
+        if not repair:
+            raise PredictionFileError(f"{path} ends with an incomplete line: the job that wrote it did not finish")
+        logger.warning("%s: dropping a partial last line (%d bytes) left by an interrupted run",
+                       path, len(data) - complete_end)
+        with open(path, "r+b") as handle:
+            handle.truncate(complete_end)
+    return _index_by_question(path, _parse_lines(path, data[:complete_end].decode("utf-8")))
+
+
+def _check_resume_settings(path: Path, done: dict[int, dict], settings: dict[str, Any]) -> None:
+    for question_id, record in done.items():
+        for key in RESUME_KEYS:
+            if record.get(key) != settings[key]:
+                raise PredictionFileError(
+                    f"{path}: question_id {question_id} was answered with {key}={record.get(key)!r}, "
+                    f"this run uses {settings[key]!r}; remove the file to start over"
+                )
+
+
+def _validated_questions(questions: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in QUESTION_COLUMNS if c not in questions.columns]
+    if missing:
+        raise QuestionTableError(f"question table lacks column(s) {missing}")
+    duplicated = questions["question_id"][questions["question_id"].duplicated()]
+    if len(duplicated):
+        raise QuestionTableError(f"question table repeats question_id {int(duplicated.iloc[0])}")
+    return questions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _question_prompt(row, use_ocr: bool) -> str:
+    ocr = [str(t) for t in row.ocr_tokens] if use_ocr and getattr(row, "ocr_tokens", None) is not None else None
+    return llava15_prompt(row.question, ocr_tokens=ocr)
+
+
+def _load_images(rows: Sequence) -> list[Image.Image]:
+    images = []
+    for row in rows:
+        try:
+            with Image.open(row.image_path) as image:
+                images.append(image.convert("RGB"))
+        except OSError as error:
+            raise QuestionTableError(
+                f"question_id {row.question_id}: cannot read image {row.image_path}: {error}"
+            ) from error
+    return images
+
+
+def _generated_lengths(new_tokens: torch.Tensor, eos_id: int) -> list[int]:
+    """Tokens generated per row, counting the ``</s>`` that ended it (rows stop at different steps)."""
+    lengths = []
+    for row in new_tokens.tolist():
+        lengths.append(row.index(eos_id) + 1 if eos_id in row else len(row))
+    return lengths
+
+
+def generate_answers(
+    llava: LlavaForInference, rows: Sequence, *, use_ocr: bool, max_new_tokens: int
+) -> list[tuple[str, int]]:
+    """Greedy answers for ``rows`` (question-table rows) as one left-padded batch: (text, tokens generated)."""
+    model, tokenizer = llava.model, llava.tokenizer
+    image_tokens = num_image_tokens(model.config.vision_config, model.config.vision_feature_select_strategy)
+    prompts = [expand_image_tokens(_question_prompt(row, use_ocr), image_tokens) for row in rows]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    parameter = next(model.parameters())
+    pixel_values = preprocess_images(_load_images(rows), llava.image_processor, llava.pad_colour)
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=encoded["input_ids"].to(parameter.device),
+            attention_mask=encoded["attention_mask"].to(parameter.device),
+            pixel_values=pixel_values.to(device=parameter.device, dtype=parameter.dtype),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    new_tokens = output[:, encoded["input_ids"].shape[1]:].cpu()
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return [(text.strip(), n) for text, n in zip(texts, _generated_lengths(new_tokens, tokenizer.eos_token_id))]
+
+
+def _prediction_record(row, prediction: str, n_tokens: int, settings: dict[str, Any]) -> dict[str, Any]:
+    ocr = [str(t) for t in row.ocr_tokens] if settings["use_ocr"] and getattr(row, "ocr_tokens", None) is not None else []
+    return {
+        "question_id": int(row.question_id),
+        "dataset": getattr(row, "dataset", None),
+        "image_id": None if getattr(row, "image_id", None) is None else str(row.image_id),
+        "question": row.question,
+        "prediction": prediction,
+        "generated_tokens": n_tokens,
+        "prompt_variant": settings["prompt_variant"],
+        "use_ocr": settings["use_ocr"],
+        "ocr_tokens": ocr,
+        "max_new_tokens": settings["max_new_tokens"],
+    }
+
+
+def _row_batches(questions: pd.DataFrame, batch_size: int) -> Iterator[list]:
+    rows = list(questions.itertuples(index=False))
+    for start in range(0, len(rows), batch_size):
+        yield rows[start:start + batch_size]
+
+
+def answer_questions(
+    model: LlavaForConditionalGeneration,
+    tokenizer,
+    image_processor,
+    questions_df: pd.DataFrame,
+    out_jsonl: str | os.PathLike,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    use_ocr: bool = False,
+    pad_colour: tuple[int, int, int] | None = None,
+) -> Path:
+    """Answer every question of ``questions_df`` greedily, appending one JSON line each to ``out_jsonl``.
+
+    Resumable: lines already in ``out_jsonl`` are kept (a partial last line is dropped) and their questions
+    skipped; they must have been written with the same prompt variant and ``max_new_tokens`` and belong to
+    ``questions_df``. Lines are written in ``questions_df`` order and flushed after each batch.
+    ``out_jsonl`` is a working file: ``gather_chunks`` publishes the final one.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token: batched decoding needs one")
+    questions_df = _validated_questions(questions_df)
+    out_jsonl = Path(out_jsonl)
+    settings = {"prompt_variant": prompt_variant(use_ocr), "use_ocr": use_ocr, "max_new_tokens": max_new_tokens}
+    done = read_completed_predictions(out_jsonl)
+    _check_resume_settings(out_jsonl, done, settings)
+    unknown = set(done) - set(int(q) for q in questions_df["question_id"])
+    if unknown:
+        raise PredictionFileError(f"{out_jsonl} holds {len(unknown)} question(s) not in this question table, "
+                                  f"e.g. {min(unknown)}")
+    todo = questions_df[~questions_df["question_id"].astype("int64").isin(done)]
+    colour = tuple(pad_colour) if pad_colour is not None else pad_colour_from_mean(image_processor.image_mean)
+    llava = LlavaForInference(model.eval(), tokenizer, image_processor, colour)  # type: ignore[arg-type]
+    if done:
+        logger.info("%s: resuming, %d answered, %d to go", out_jsonl, len(done), len(todo))
+    out_jsonl.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_jsonl, "a", encoding="utf-8") as handle, tqdm(total=len(todo), desc="vqa", unit="q") as progress:
+        for rows in _row_batches(todo, batch_size):
+            answers = generate_answers(llava, rows, use_ocr=use_ocr, max_new_tokens=max_new_tokens)
+            handle.write("".join(json.dumps(_prediction_record(row, text, n, settings)) + "\n"
+                                 for row, (text, n) in zip(rows, answers)))
+            handle.flush()
+            os.fsync(handle.fileno())
+            progress.update(len(rows))
+    return out_jsonl
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunking (parallel jobs) and gathering
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def chunk_questions(df: pd.DataFrame, n_chunks: int, k: int) -> pd.DataFrame:
+    """Chunk ``k`` of ``n_chunks``: contiguous blocks of the questions sorted by question_id.
+
+    Deterministic whatever the table's row order; chunk sizes differ by at most ``ceil(n / n_chunks)``
+    (LLaVA's ``split_list`` rule), some trailing chunks may be empty.
+    """
+    if n_chunks < 1 or not 0 <= k < n_chunks:
+        raise ValueError(f"need n_chunks >= 1 and 0 <= k < n_chunks, got n_chunks={n_chunks}, k={k}")
+    ordered = _validated_questions(df).sort_values("question_id", kind="stable")
+    size = math.ceil(len(ordered) / n_chunks) if len(ordered) else 0
+    return ordered.iloc[k * size:(k + 1) * size]
+
+
+def gather_chunks(
+    chunk_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike, expected_ids: Iterable[int]
+) -> Path:
+    """Concatenate chunk prediction files into ``out_path`` (in ``expected_ids`` order), atomically.
+
+    Fails, writing nothing, when a chunk is missing or ends mid-line, a question appears twice (within or
+    across chunks), an expected question is absent, or a chunk holds a question that was not expected.
+    """
+    expected = [int(q) for q in expected_ids]
+    if len(set(expected)) != len(expected):
+        raise PredictionFileError(f"expected_ids for {out_path} contain duplicates")
+    found: dict[int, dict] = {}
+    source: dict[int, Path] = {}
+    for chunk in map(Path, chunk_paths):
+        if not chunk.is_file():
+            raise PredictionFileError(f"chunk {chunk} does not exist")
+        for question_id, record in read_completed_predictions(chunk, repair=False).items():
+            if question_id in found:
+                raise PredictionFileError(f"question_id {question_id} is in both {source[question_id]} and {chunk}")
+            found[question_id], source[question_id] = record, chunk
+    missing = [q for q in expected if q not in found]
+    if missing:
+        raise PredictionFileError(f"{len(missing)} question(s) have no prediction for {out_path}, e.g. {missing[:5]}")
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        raise PredictionFileError(f"{len(unexpected)} unexpected question(s) in chunks for {out_path}, "
+                                  f"e.g. {unexpected[:5]} from {source[unexpected[0]]}")
+    with atomic_path(out_path) as tmp:
+        tmp.write_text("".join(json.dumps(found[q]) + "\n" for q in expected), encoding="utf-8")
+    return Path(out_path)
+
+
+def predict_vqa(
+    checkpoint_dir: str | os.PathLike,
+    questions_parquet: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    work_path: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    use_ocr: bool = False,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "auto",
+) -> dict[str, Any]:
+    """One job's VQA stage: load the checkpoint, answer all questions into a resumable working file, publish.
+
+    ``work_path`` (default ``<out_path>.partial``) must not be a declared workflow output, so a failed or
+    pre-empted job's work survives for the rerun; ``out_path`` appears only complete. Returns run figures.
+    """
+    out_path = Path(out_path)
+    work_path = Path(work_path) if work_path is not None else out_path.with_name(out_path.name + ".partial")
+    questions = pd.read_parquet(questions_parquet)
+    llava = load_llava_for_inference(checkpoint_dir, device=device, dtype=dtype)
+    started = time.perf_counter()
+    answer_questions(llava.model, llava.tokenizer, llava.image_processor, questions, work_path,
+                     batch_size=batch_size, max_new_tokens=max_new_tokens, use_ocr=use_ocr, pad_colour=llava.pad_colour)
+    seconds = time.perf_counter() - started
+    gather_chunks([work_path], out_path, questions["question_id"])
+    work_path.unlink()
+    return {
+        "checkpoint_dir": str(checkpoint_dir),
+        "questions": str(questions_parquet),
+        "n_questions": len(questions),
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "prompt_variant": prompt_variant(use_ocr),
+        "pad_colour": list(llava.pad_colour),
+        "device": device,
+        "dtype": str(next(llava.model.parameters()).dtype),
+        "seconds_this_run": seconds,
+    }

@@ -1,0 +1,324 @@
+"""The demo LLaVA: tokenizer, LLaVA-1.5 prompt and image preprocessing, model assembly, saving, pre-training."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    LlavaForConditionalGeneration,
+)
+
+from hnclip.llava.demo_model import (
+    DemoLlavaError,
+    build_demo_llava,
+    demo_image_processor,
+    save_demo_llava,
+    write_toy_vqa_questions,
+)
+from hnclip.llava.pretrain import (
+    IGNORE_INDEX,
+    build_training_examples,
+    pretrain_demo_llava,
+    tokenizer_training_texts,
+)
+from hnclip.llava.prompt import (
+    LLAVA_PAD_COLOUR,
+    expand_image_tokens,
+    llava15_prompt,
+    num_image_tokens,
+    pad_colour_from_mean,
+    pad_to_square,
+    preprocess_images,
+)
+from hnclip.llava.tokenizer import DemoTokenizerError, SPECIAL_TOKENS, image_token_id, train_demo_tokenizer
+
+torch.set_num_threads(1)
+
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                  image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A toy question table, its tokenizer and a random tiny tower with projection."""
+    root = tmp_path_factory.mktemp("toy")
+    questions = write_toy_vqa_questions(root / "images", n_images=24, seed=3)
+    parquet = root / "questions.parquet"
+    questions.to_parquet(parquet)
+    tokenizer = train_demo_tokenizer(tokenizer_training_texts(questions), root / "tokenizer")
+    torch.manual_seed(0)
+    tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_TOWER)).eval()
+    return {"root": root, "questions": questions, "parquet": parquet, "tokenizer": tokenizer, "tower": tower}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prompt: snapshots of the exact strings (these fail when the protocol drifts)
+# --------------------------------------------------------------------------------------------------------------
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions.")
+
+
+def test_prompt_snapshot_without_ocr():
+    assert llava15_prompt("What color is the bus?") == (
+        SYSTEM + " USER: <image>\nWhat color is the bus?\n"
+        "Answer the question using a single word or phrase. ASSISTANT:"
+    )
+
+
+def test_prompt_snapshot_with_ocr():
+    assert llava15_prompt(" what is written on the sign? ", ocr_tokens=["STOP", "a", "7"]) == (
+        SYSTEM + " USER: <image>\nwhat is written on the sign?\nReference OCR token: STOP, a, 7\n"
+        "Answer the question using a single word or phrase. ASSISTANT:"
+    )
+
+
+def test_prompt_without_ocr_tokens_has_no_ocr_line():
+    assert llava15_prompt("q?", ocr_tokens=[]) == llava15_prompt("q?")
+    with pytest.raises(ValueError, match="empty question"):
+        llava15_prompt("  ")
+
+
+def test_expand_image_tokens_repeats_the_one_placeholder():
+    expanded = expand_image_tokens("USER: <image>\nq", 4)
+    assert expanded == "USER: <image><image><image><image>\nq"
+    with pytest.raises(ValueError, match="exactly one <image>, found 2"):
+        expand_image_tokens("<image><image>", 3)
+    with pytest.raises(ValueError, match="exactly one <image>, found 0"):
+        expand_image_tokens("no image", 3)
+
+
+def test_num_image_tokens_matches_llava_15():
+    real = CLIPVisionConfig(image_size=336, patch_size=14)
+    assert num_image_tokens(real) == 576
+    assert num_image_tokens(real, "full") == 577
+    assert num_image_tokens(CLIPVisionConfig(image_size=32, patch_size=8)) == 16
+
+
+def test_pad_colour_rule_gives_llava_colour_for_openai_mean():
+    assert pad_colour_from_mean([0.48145466, 0.4578275, 0.40821073]) == LLAVA_PAD_COLOUR == (122, 116, 104)
+
+
+def test_pad_to_square_centres_with_background():
+    red = Image.new("RGB", (64, 47), (255, 0, 0))
+    squared = np.asarray(pad_to_square(red, (1, 2, 3)))
+    assert squared.shape == (64, 64, 3)
+    # offset (64 - 47) // 2 = 8 above, the odd row below (9 rows), as LLaVA's expand2square
+    assert (squared[:8] == (1, 2, 3)).all() and (squared[55:] == (1, 2, 3)).all()
+    assert (squared[8:55] == (255, 0, 0)).all()
+    tall = np.asarray(pad_to_square(Image.new("RGB", (30, 40), (0, 255, 0))))
+    assert (tall[:, :5] == LLAVA_PAD_COLOUR).all() and (tall[:, 5:35] == (0, 255, 0)).all()
+    square = Image.new("RGB", (8, 8), (9, 9, 9))
+    assert np.array_equal(np.asarray(pad_to_square(square)), np.asarray(square))
+
+
+def test_preprocess_images_equals_pad_resize_normalise():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    processor = demo_image_processor(CLIPVisionConfig(image_size=32, patch_size=8))
+    pixel_values = preprocess_images([image, image], processor)
+    reference = np.asarray(pad_to_square(image).resize((32, 32), Image.BICUBIC), dtype=np.float32) / 255
+    reference = (reference - np.array(processor.image_mean)) / np.array(processor.image_std)
+    assert pixel_values.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(pixel_values[1], torch.tensor(reference.transpose(2, 0, 1), dtype=torch.float32),
+                               atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_special_tokens_bos_and_left_padding(toy):
+    tokenizer = toy["tokenizer"]
+    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 3)
+    assert image_token_id(tokenizer) == 4
+    ids = tokenizer("USER: <image><image>\nWhat COLOR?")["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<s>", "user", ":", "<image>", "<image>", "what", "color", "?"]
+    batch = tokenizer(["red", "what color is"], padding=True)
+    assert batch["input_ids"][0][:2] == [3, 3] and batch["attention_mask"][0] == [0, 0, 1, 1]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("zebra")["input_ids"]) == ["<s>", "<unk>"]
+
+
+def test_tokenizer_round_trips_through_save_pretrained(toy):
+    reloaded = AutoTokenizer.from_pretrained(toy["root"] / "tokenizer")
+    text = llava15_prompt("What shape is shown?")
+    assert reloaded(text)["input_ids"] == toy["tokenizer"](text)["input_ids"]
+    assert reloaded.padding_side == "left"
+    assert reloaded.decode(reloaded("yellow circle")["input_ids"], skip_special_tokens=True) == "yellow circle"
+
+
+def test_tokenizer_refuses_empty_corpus(tmp_path):
+    with pytest.raises(DemoTokenizerError, match="no words"):
+        train_demo_tokenizer(["", "  "], tmp_path / "tok")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model assembly
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_build_demo_llava_config(toy):
+    model = build_demo_llava(toy["tower"], toy["tokenizer"], text_hidden=32, text_heads=2)
+    config = model.config
+    assert config.vision_feature_layer == -2
+    assert config.vision_feature_select_strategy == "default"
+    assert config.projector_hidden_act == "gelu"
+    assert config.image_token_id == image_token_id(toy["tokenizer"])
+    assert config.image_seq_length == 16
+    assert config.text_config.model_type == "llama" and config.text_config.vocab_size == len(toy["tokenizer"])
+    assert config.text_config.hidden_size == 32 and config.text_config.num_hidden_layers == 2
+    assert model.generation_config.pad_token_id == toy["tokenizer"].pad_token_id
+
+
+@pytest.mark.parametrize("with_projection", [True, False])
+def test_build_demo_llava_copies_tower_weights(toy, with_projection):
+    source = toy["tower"] if with_projection else CLIPVisionModel(CLIPVisionConfig(**TINY_TOWER)).eval()
+    model = build_demo_llava(source, toy["tokenizer"], text_hidden=32, text_heads=2)
+    tower = model.model.vision_tower.state_dict()
+    prefix = "vision_model." if with_projection else ""
+    source_state = source.state_dict()
+    assert len(tower) == len([k for k in source_state if not k.startswith("visual_projection")])
+    for key, value in tower.items():
+        assert torch.equal(value, source_state[prefix + key]), key
+
+
+def test_image_features_are_projected_penultimate_patch_tokens(toy):
+    """LLaVA's contract: projector(hidden_states[-2] without CLS) of the given tower, computed naively here."""
+    model = build_demo_llava(toy["tower"], toy["tokenizer"], text_hidden=32, text_heads=2).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        hidden = toy["tower"](pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        projector = model.model.multi_modal_projector
+        expected = projector.linear_2(torch.nn.functional.gelu(projector.linear_1(hidden)))
+        features = model.get_image_features(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(torch.stack(list(features)), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_build_demo_llava_refuses_bad_sizes(toy):
+    one_layer = CLIPVisionConfig(**{**TINY_TOWER, "num_hidden_layers": 1})
+    with pytest.raises(DemoLlavaError, match="at least 2 layers"):
+        build_demo_llava(one_layer, toy["tokenizer"])
+    with pytest.raises(DemoLlavaError, match="not divisible"):
+        build_demo_llava(toy["tower"], toy["tokenizer"], text_hidden=30, text_heads=4)
+
+
+def test_save_demo_llava_writes_a_loadable_checkpoint(toy, tmp_path):
+    model = build_demo_llava(toy["tower"], toy["tokenizer"], text_hidden=32, text_heads=2)
+    processor = demo_image_processor(toy["tower"].config)
+    out = save_demo_llava(model, toy["tokenizer"], processor, tmp_path / "llava", extra={"note": "test"})
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
+            "llava_protocol.json", "generation_config.json"} <= names
+    reloaded = LlavaForConditionalGeneration.from_pretrained(out)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[key]), key
+    loaded_processor = CLIPImageProcessorPil.from_pretrained(out)
+    assert loaded_processor.crop_size == {"height": 32, "width": 32}
+    assert loaded_processor.image_mean == pytest.approx(processor.image_mean)
+    protocol = json.loads((out / "llava_protocol.json").read_text())
+    assert protocol["pad_colour"] == [122, 116, 104] and protocol["num_image_tokens"] == 16
+    assert protocol["note"] == "test"
+
+
+def _tiny_open_clip(open_clip, seed: int):
+    torch.manual_seed(seed)
+    return open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=open_clip.CLIPVisionCfg(layers=3, width=32, head_width=16, image_size=32, patch_size=8, mlp_ratio=2),
+        text_cfg=open_clip.CLIPTextCfg(context_length=8, vocab_size=100, width=32, heads=2, layers=1),
+        quick_gelu=True,
+    ).eval()
+
+
+def test_demo_checkpoint_accepts_an_exported_open_clip_tower(toy, tmp_path):
+    """The export stage swaps a tower into the demo checkpoint; the LM and projector stay bit-identical."""
+    open_clip = pytest.importorskip("open_clip")
+    export = pytest.importorskip("hnclip.llava.export")
+    hf_tower = export.to_hf_vision_model(_tiny_open_clip(open_clip, seed=0))
+    model = build_demo_llava(hf_tower, toy["tokenizer"], text_hidden=32, text_heads=2)
+    base = save_demo_llava(model, toy["tokenizer"], demo_image_processor(hf_tower.config), tmp_path / "base")
+    export.export_llava_checkpoint(base, _tiny_open_clip(open_clip, seed=1), tmp_path / "swapped")
+    swapped = LlavaForConditionalGeneration.from_pretrained(tmp_path / "swapped")
+    for key, value in model.state_dict().items():
+        if not key.startswith("model.vision_tower."):
+            assert torch.equal(swapped.state_dict()[key], value), key
+    assert not torch.equal(swapped.model.vision_tower.embeddings.patch_embedding.weight,
+                           model.model.vision_tower.embeddings.patch_embedding.weight)
+    assert (tmp_path / "swapped" / "llava_protocol.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pre-training
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_training_examples_mask_the_prompt_and_end_with_eos(toy):
+    tokenizer, questions = toy["tokenizer"], toy["questions"]
+    rows = {p: i for i, p in enumerate(sorted(set(questions["image_path"])))}
+    examples = build_training_examples(questions, tokenizer, 16, rows, ocr_prompt_fraction=1.0, seed=0)
+    for example, row in zip(examples, questions.itertuples()):
+        answer_at = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+        prompt_ids, answer_ids = example.input_ids[:answer_at], example.input_ids[answer_at:]
+        assert list(example.labels[answer_at:]) == list(answer_ids)
+        assert answer_ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(answer_ids, skip_special_tokens=True) == row.majority_answer
+        assert prompt_ids.count(image_token_id(tokenizer)) == 16
+        has_ocr_line = "reference ocr token" in tokenizer.decode(prompt_ids)
+        assert has_ocr_line == (len(row.ocr_tokens) > 0)
+        assert example.image_row == rows[row.image_path]
+    no_ocr = build_training_examples(questions, tokenizer, 16, rows, ocr_prompt_fraction=0.0, seed=0)
+    assert not any("reference" in tokenizer.decode(e.input_ids) for e in no_ocr)
+
+
+def test_pretraining_freezes_the_tower_and_lowers_the_loss(toy, tmp_path):
+    model = build_demo_llava(toy["tower"], toy["tokenizer"], text_hidden=32, text_heads=2)
+    tower_before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    projector_before = model.model.multi_modal_projector.linear_1.weight.clone()
+    log = tmp_path / "train_log.csv"
+    summary = pretrain_demo_llava(
+        model, toy["tokenizer"], demo_image_processor(toy["tower"].config), [toy["parquet"]],
+        steps=12, lr=3e-3, batch_size=8, seed=0, log_path=log,
+    )
+    for key, value in model.model.vision_tower.state_dict().items():
+        assert torch.equal(value, tower_before[key]), f"frozen tower tensor {key} changed"
+    assert all(not p.requires_grad for p in model.model.vision_tower.parameters())
+    assert not model.model.vision_tower.training
+    assert not torch.equal(model.model.multi_modal_projector.linear_1.weight, projector_before)
+    with open(log) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    assert summary["n_questions"] == len(toy["questions"])
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    assert summary["frozen_tower_parameters"] == sum(v.numel() for v in tower_before.values())
+
+
+def test_pretraining_is_reproducible(toy, tmp_path):
+    losses = []
+    for run in range(2):
+        model = build_demo_llava(toy["tower"], toy["tokenizer"], text_hidden=32, text_heads=2, seed=5)
+        pretrain_demo_llava(model, toy["tokenizer"], demo_image_processor(toy["tower"].config), [toy["parquet"]],
+                            steps=3, lr=1e-3, batch_size=8, seed=1, log_path=tmp_path / f"log{run}.csv")
+        losses.append(pd.read_csv(tmp_path / f"log{run}.csv")["loss"].tolist())
+    assert losses[0] == losses[1]
+
+
+def test_pretraining_names_a_missing_column(toy, tmp_path):
+    broken = tmp_path / "broken.parquet"
+    toy["questions"].drop(columns=["majority_answer"]).to_parquet(broken)
+    model = build_demo_llava(toy["tower"], toy["tokenizer"], text_hidden=32, text_heads=2)
+    with pytest.raises(ValueError, match=r"broken.parquet lacks column\(s\) \['majority_answer'\]"):
+        pretrain_demo_llava(model, toy["tokenizer"], demo_image_processor(toy["tower"].config), [broken],
+                            steps=1, lr=1e-3, batch_size=2, seed=0, log_path=tmp_path / "log.csv")
