@@ -15,6 +15,8 @@ include: "rules/preprocess.smk"
 include: "rules/baseline.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
+include: "rules/llava.smk"
+include: "rules/vqa.smk"
 include: "rules/estimate.smk"
 
 

@@ -261,6 +261,63 @@ def eval_outputs(models=None):
     ]
 
 
+# ---- LLaVA and VQA ------------------------------------------------------------------------------------------------
+LLAVA_BASE = "results/llava/base" if IS_DEMO else raw_path("llava_base")
+VQA_DATASETS = config["llava"]["datasets"]
+VQA_CHUNKS = list(range(config["llava"]["chunks"]))
+
+
+def llava_base_input():
+    """The base LLaVA a tower is swapped into: the demo's own (trained here) or the downloaded llava-1.5-7b-hf."""
+    return LLAVA_BASE if IS_DEMO else raw_input("llava_base")
+
+
+def llava_checkpoint_output(path):
+    """An exported LLaVA folder, deleted after its VQA jobs unless config says to keep it."""
+    return (
+        directory(path)
+        if config["llava"]["keep_checkpoints"]
+        else temp(directory(path))
+    )
+
+
+def llava_checkpoint(model):
+    return f"results/llava/{model}"
+
+
+def vqa_chunk_files(wildcards):
+    return [
+        f"results/vqa/{wildcards.model}/{wildcards.dataset}/chunk-{k}.jsonl"
+        for k in VQA_CHUNKS
+    ]
+
+
+def vqa_references(wildcards):
+    """Per-question scores of the comparison models on the same questions."""
+    return {
+        name: f"results/vqa/{other}/{wildcards.dataset}/items.parquet"
+        for name, other in comparison_models(wildcards.model).items()
+    }
+
+
+def vqa_outputs(models=None):
+    return [
+        f"results/vqa/{m}/{d}/scores.json"
+        for m in (models or MODELS)
+        for d in VQA_DATASETS
+    ]
+
+
+def llava_train_paths(dataset):
+    paths = SYNTH_LLAVA_TRAIN[dataset]
+    return {
+        "questions": paths["questions"],
+        "annotations": paths.get("annotations"),
+        "ocr": paths.get("ocr"),
+        "images": paths["images"],
+    }
+
+
 # ---- targets -----------------------------------------------------------------------------------------------------
 def get_final_output():
     """Every target of a full run."""
@@ -274,4 +331,5 @@ def get_final_output():
     )
     targets += [model_weights(model) for model in MODELS]
     targets += eval_outputs()
+    targets += vqa_outputs()
     return targets

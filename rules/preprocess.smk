@@ -54,3 +54,27 @@ rule preprocess_vqa:
         on_missing_image=config["preprocess"]["on_missing_image"],
     script:
         "../workflow_scripts/preprocess_vqa.py"
+
+
+# The demo LLaVA's training questions: the synthetic world's train splits, read by the same code.
+rule preprocess_vqa_train:
+    input:
+        SYNTH_MARKER,
+    output:
+        "results/data/vqa/{dataset}/train_questions.parquet",
+    log:
+        "logs/preprocess_vqa_train/{dataset}.log",
+    conda:
+        "../envs/data.yaml"
+    threads: 1
+    resources:
+        mem_mb=scaled("default", "mem_mb"),
+        runtime=scaled("default", "runtime"),
+    params:
+        dataset="{dataset}",
+        paths=lambda wildcards: llava_train_paths(wildcards.dataset),
+        subsample=None,
+        seed=config["preprocess"]["subsample_seed"],
+        on_missing_image=config["preprocess"]["on_missing_image"],
+    script:
+        "../workflow_scripts/preprocess_vqa.py"

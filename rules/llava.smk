@@ -1,0 +1,58 @@
+# The base LLaVA and one checkpoint per model with that model's tower swapped in (LLM and projector unchanged).
+if IS_DEMO:
+
+    rule pretrain_llava:
+        input:
+            baseline=BASELINE_WEIGHTS,
+            train=expand(
+                "results/data/vqa/{dataset}/train_questions.parquet",
+                dataset=VQA_DATASETS,
+            ),
+            vocabulary=expand(
+                "results/data/vqa/{dataset}/questions.parquet", dataset=VQA_DATASETS
+            ),
+        output:
+            directory(LLAVA_BASE),
+        log:
+            "logs/pretrain_llava/base.log",
+        benchmark:
+            "benchmarks/pretrain_llava/base.tsv"
+        conda:
+            "../envs/llava.yaml"
+        threads: config["finetune"]["num_threads"]
+        resources:
+            mem_mb=scaled("pretrain_llava", "mem_mb"),
+            runtime=scaled("pretrain_llava", "runtime"),
+            gpu=resource("pretrain_llava", "gpu"),
+        params:
+            model_name=config["model"]["clip_name"],
+            steps=config["llava"]["pretrain_steps"],
+            batch_size=config["llava"]["pretrain_batch_size"],
+            lr=config["llava"]["pretrain_lr"],
+            seed=config["pretrain"]["seed"],
+            train_log="results/llava/base_train_log.csv",
+            config=config,
+        script:
+            "../workflow_scripts/pretrain_llava.py"
+
+
+rule export:
+    input:
+        base=llava_base_input(),
+        weights=lambda wildcards: model_weights(wildcards.model),
+    output:
+        llava_checkpoint_output("results/llava/{model}"),
+    log:
+        "logs/export/{model}.log",
+    conda:
+        "../envs/llava.yaml"
+    threads: resource("export", "threads")
+    resources:
+        mem_mb=scaled("export", "mem_mb"),
+        runtime=scaled("export", "runtime"),
+    params:
+        base_dir=LLAVA_BASE,
+        model_name=config["model"]["clip_name"],
+        config=config,
+    script:
+        "../workflow_scripts/export.py"

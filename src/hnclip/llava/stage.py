@@ -1,0 +1,76 @@
+"""The LLaVA stages, one function per rule: train the demo LLaVA, swap a tower in, answer one chunk of questions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from hnclip.io import write_json
+from hnclip.llava.demo_model import build_demo_llava, demo_image_processor, save_demo_llava
+from hnclip.llava.export import export_llava_checkpoint, to_hf_vision_model
+from hnclip.llava.infer import answer_questions, chunk_questions, gather_chunks, load_llava_for_inference
+from hnclip.llava.prompt import prompt_variant
+from hnclip.llava.pretrain import demo_tokenizer_texts, pretrain_demo_llava
+from hnclip.llava.tokenizer import train_demo_tokenizer
+from hnclip.models import load_clip
+from hnclip.provenance import provenance
+
+log = logging.getLogger(__name__)
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pretrain_llava(
+    *, baseline_weights, model_name: str, train_questions: Sequence, vocabulary_questions: Sequence, out_dir,
+    log_path, steps: int, batch_size: int, lr: float, seed: int, config: dict | None = None,
+) -> None:
+    """The demo LLaVA: the baseline tower (frozen), a tokenizer of the synthetic vocabulary, a tiny Llama and a
+    projector trained on the synthetic VQA/TextVQA train questions, as LLaVA-1.5 trains with its tower frozen."""
+    clip, _, _ = load_clip(model_name, baseline_weights)
+    tower = to_hf_vision_model(clip)
+    work = Path(log_path).with_suffix(".tokenizer")
+    tokenizer = train_demo_tokenizer(demo_tokenizer_texts([*train_questions, *vocabulary_questions]), work)
+    model = build_demo_llava(tower, tokenizer, seed=seed)
+    mean, std = clip.visual.preprocess_cfg["mean"], clip.visual.preprocess_cfg["std"]
+    processor = demo_image_processor(tower.config, image_mean=mean, image_std=std)
+    model.to(_device())
+    summary = pretrain_demo_llava(model, tokenizer, processor, list(train_questions), steps=steps, lr=lr,
+                                  batch_size=batch_size, seed=seed, log_path=log_path)
+    log.info("demo LLaVA trained: %s", summary)
+    save_demo_llava(model.cpu(), tokenizer, processor, out_dir,
+                    extra={"training": summary, "provenance": provenance(config, seed=seed,
+                                                                         inputs=[baseline_weights])})
+
+
+def export(*, base_dir, model_name: str, weights, out_dir, config: dict | None = None) -> None:
+    """A complete LLaVA checkpoint with the model's tower swapped in; LLM, projector, tokenizer unchanged."""
+    clip, _, _ = load_clip(model_name, weights)
+    summary = export_llava_checkpoint(base_dir, clip, out_dir, tower_name=model_name)
+    write_json(Path(out_dir) / "export.json", {"summary": summary, "provenance": provenance(
+        config, inputs=[weights], base_llava=str(base_dir))})
+
+
+def answer_chunk(
+    *, checkpoint_dir, questions_parquet, n_chunks: int, chunk: int, out_jsonl, work_jsonl, batch_size: int,
+    max_new_tokens: int, use_ocr: bool, dtype: str,
+) -> None:
+    """Answer chunk ``chunk`` of ``n_chunks`` into a resumable working file; publish it only when complete."""
+    questions = chunk_questions(pd.read_parquet(questions_parquet), n_chunks, chunk)
+    llava = load_llava_for_inference(checkpoint_dir, device=_device(), dtype=dtype)
+    started = time.perf_counter()
+    answer_questions(llava.model, llava.tokenizer, llava.image_processor, questions, work_jsonl,
+                     batch_size=batch_size, max_new_tokens=max_new_tokens, use_ocr=use_ocr,
+                     pad_colour=llava.pad_colour)
+    seconds = time.perf_counter() - started
+    log.info("%d questions in %.1f s (%s, batch %d, %s)", len(questions), seconds, _device(), batch_size,
+             prompt_variant(use_ocr))
+    gather_chunks([work_jsonl], out_jsonl, questions["question_id"])
+    os.remove(work_jsonl)

@@ -1,0 +1,15 @@
+from hnclip.llava.stage import export
+from hnclip.workflow import run_logged
+
+
+def main(smk):
+    export(
+        base_dir=smk.params.base_dir,
+        model_name=smk.params.model_name,
+        weights=smk.input.weights,
+        out_dir=smk.output[0],
+        config=smk.params.config,
+    )
+
+
+run_logged(snakemake, main)

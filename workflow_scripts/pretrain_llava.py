@@ -1,0 +1,21 @@
+from hnclip.llava.stage import pretrain_llava
+from hnclip.workflow import run_logged
+
+
+def main(smk):
+    pretrain_llava(
+        baseline_weights=smk.input.baseline,
+        model_name=smk.params.model_name,
+        train_questions=list(smk.input.train),
+        vocabulary_questions=list(smk.input.vocabulary),
+        out_dir=smk.output[0],
+        log_path=smk.params.train_log,
+        steps=smk.params.steps,
+        batch_size=smk.params.batch_size,
+        lr=smk.params.lr,
+        seed=smk.params.seed,
+        config=smk.params.config,
+    )
+
+
+run_logged(snakemake, main)

@@ -1,0 +1,20 @@
+from hnclip.llava.score import score_vqa
+from hnclip.workflow import run_logged
+
+
+def main(smk):
+    score_vqa(
+        model=smk.wildcards.model,
+        dataset=smk.wildcards.dataset,
+        chunk_paths=list(smk.input.chunks),
+        questions_parquet=smk.input.questions,
+        references=smk.params.references,
+        out_predictions=smk.output.predictions,
+        out_scores=smk.output.scores,
+        out_items=smk.output.per_item,
+        config=smk.params.config,
+        **smk.params.settings,
+    )
+
+
+run_logged(snakemake, main)
