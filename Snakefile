@@ -17,9 +17,24 @@ include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
 include: "rules/llava.smk"
 include: "rules/vqa.smk"
+include: "rules/aggregate.smk"
 include: "rules/estimate.smk"
 
 
+# Cheap jobs run on the submitting host, never as cluster jobs.
+localrules:
+    all,
+    summary,
+    tables,
+    figures,
+    finetune_all,
+    evaluate_all,
+    vqa_all,
+    download_all,
+
+
+# `snakemake tables figures` rebuilds the views from existing results; add
+# --config 'report={from_existing: true}' --rerun-triggers mtime to schedule no model job at all.
 rule all:
     input:
         get_final_output(),

@@ -318,6 +318,50 @@ def llava_train_paths(dataset):
     }
 
 
+# ---- aggregation ------------------------------------------------------------------------------------------------
+BENCHMARKS = ["hnc_test", "zeroshot", "drift"] + VQA_DATASETS
+TABLE_FILES = [
+    f"results/tables/{b}.{ext}" for b in BENCHMARKS for ext in ["csv", "md", "tex"]
+]
+FIGURE_STEMS = [
+    "heatmap_hnc_all",
+    "heatmap_hnc_relation",
+    "heatmap_zeroshot_top1",
+    "heatmap_drift_cka",
+    *[f"heatmap_{d}_accuracy" for d in VQA_DATASETS],
+    "type_groups",
+    "tradeoff",
+    "training_curves",
+]
+
+
+def result_files():
+    """Every per-model result file the summary is built from."""
+    return eval_outputs() + vqa_outputs()
+
+
+def summary_inputs(wildcards):
+    """All result files, or (regenerating: report.from_existing) only those that exist, scheduling nothing."""
+    if not config["report"]["from_existing"]:
+        return result_files()
+    return [ancient(path) for path in result_files() if Path(path).exists()]
+
+
+def train_logs():
+    return {cell: f"results/finetune/{cell}/train_log.csv" for cell in CELLS}
+
+
+def train_log_inputs(wildcards):
+    logs = list(train_logs().values())
+    if config["report"]["from_existing"]:
+        return [ancient(path) for path in logs if Path(path).exists()]
+    return logs
+
+
+def figure_files(stem):
+    return [f"results/figures/{stem}.{ext}" for ext in ["pdf", "png"]]
+
+
 # ---- targets -----------------------------------------------------------------------------------------------------
 def get_final_output():
     """Every target of a full run."""
@@ -332,4 +376,6 @@ def get_final_output():
     targets += [model_weights(model) for model in MODELS]
     targets += eval_outputs()
     targets += vqa_outputs()
+    targets += ["results/tables/summary.csv", *TABLE_FILES]
+    targets += [path for stem in FIGURE_STEMS for path in figure_files(stem)]
     return targets

@@ -6,6 +6,8 @@ localrules:
 rule estimate:
     log:
         "logs/estimate/estimate.log",
+    conda:
+        "../envs/report.yaml"
     params:
         config=config,
     script:

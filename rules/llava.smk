@@ -51,7 +51,7 @@ rule export:
         mem_mb=scaled("export", "mem_mb"),
         runtime=scaled("export", "runtime"),
     params:
-        base_dir=LLAVA_BASE,
+        base_dir=lambda wildcards: LLAVA_BASE,
         model_name=config["model"]["clip_name"],
         config=config,
     script:

@@ -1,0 +1,70 @@
+# Tables and thesis figures: views of results/tables/summary.csv, built from result files alone.
+rule summary:
+    input:
+        summary_inputs,
+    output:
+        summary=report(
+            "results/tables/summary.csv",
+            caption="../report/summary.rst",
+            category="Tables",
+        ),
+        provenance="results/tables/summary.provenance.json",
+    log:
+        "logs/summary/summary.log",
+    conda:
+        "../envs/report.yaml"
+    params:
+        models=MODELS,
+        benchmarks=BENCHMARKS,
+        allow_partial=config["report"]["allow_partial"],
+    script:
+        "../workflow_scripts/summary.py"
+
+
+rule tables:
+    input:
+        summary="results/tables/summary.csv",
+    output:
+        [
+            report(
+                path,
+                caption=f"../report/table_{Path(path).stem}.rst",
+                category="Tables",
+            )
+            for path in TABLE_FILES
+        ],
+    log:
+        "logs/tables/tables.log",
+    conda:
+        "../envs/report.yaml"
+    params:
+        models=MODELS,
+        benchmarks=BENCHMARKS,
+        allow_partial=config["report"]["allow_partial"],
+        out_dir=lambda wildcards, output: str(Path(output[0]).parent),
+    script:
+        "../workflow_scripts/tables.py"
+
+
+rule figures:
+    input:
+        summary="results/tables/summary.csv",
+        train_logs=train_log_inputs,
+    output:
+        [
+            report(path, caption=f"../report/{stem}.rst", category="Figures")
+            for stem in FIGURE_STEMS
+            for path in figure_files(stem)
+        ],
+    log:
+        "logs/figures/figures.log",
+    conda:
+        "../envs/report.yaml"
+    params:
+        models=MODELS,
+        benchmarks=BENCHMARKS,
+        allow_partial=config["report"]["allow_partial"],
+        train_logs=train_logs(),
+        out_dir=lambda wildcards, output: str(Path(output[0]).parent),
+    script:
+        "../workflow_scripts/figures.py"

@@ -1,0 +1,16 @@
+from hnclip.report.stage import write_figures_from_summary
+from hnclip.workflow import run_logged
+
+
+def main(smk):
+    write_figures_from_summary(
+        smk.input.summary,
+        smk.params.train_logs,
+        smk.params.out_dir,
+        models=smk.params.models,
+        benchmarks=smk.params.benchmarks,
+        allow_partial=smk.params.allow_partial,
+    )
+
+
+run_logged(snakemake, main)

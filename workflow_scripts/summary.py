@@ -1,0 +1,15 @@
+from hnclip.report.stage import write_summary
+from hnclip.workflow import run_logged
+
+
+def main(smk):
+    write_summary(
+        list(smk.input),
+        smk.output.summary,
+        models=smk.params.models,
+        benchmarks=smk.params.benchmarks,
+        allow_partial=smk.params.allow_partial,
+    )
+
+
+run_logged(snakemake, main)

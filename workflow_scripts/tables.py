@@ -1,0 +1,15 @@
+from hnclip.report.stage import write_tables_from_summary
+from hnclip.workflow import run_logged
+
+
+def main(smk):
+    write_tables_from_summary(
+        smk.input.summary,
+        smk.params.out_dir,
+        models=smk.params.models,
+        benchmarks=smk.params.benchmarks,
+        allow_partial=smk.params.allow_partial,
+    )
+
+
+run_logged(snakemake, main)
