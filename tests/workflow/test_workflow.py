@@ -114,6 +114,16 @@ def test_micro_demo_runs_every_stage(micro_run):
     control_rows = json.loads((workdir / f"results/eval/{cells[1]}/hnc.json").read_text())["rows"]
     assert all("delta_vs_control" in r and "delta_vs_baseline" in r for r in control_rows)
     assert (workdir / "logs/finetune/alpha~2.0/tau~0.05/seed~0.log").read_text().strip()
+    for model in ["baseline", *cells]:
+        for dataset in ["vqav2", "textvqa"]:
+            scores = json.loads((workdir / f"results/vqa/{model}/{dataset}/scores.json").read_text())
+            assert scores["rows"][0]["subset"] == "all" and 0 <= scores["rows"][0]["value"] <= 1
+        assert (workdir / f"results/llava/{model}/model.safetensors").exists()
+    summary = (workdir / "results/tables/summary.csv").read_text().splitlines()
+    assert summary[0].startswith("model,alpha,tau,seed,benchmark,subset,metric,value")
+    for name in ["hnc_test.tex", "vqav2.md", "textvqa.csv"]:
+        assert (workdir / "results/tables" / name).stat().st_size > 0
+    assert (workdir / "results/figures/heatmap_hnc_relation.pdf").read_bytes().startswith(b"%PDF")
 
 
 @pytest.mark.slow
@@ -123,3 +133,31 @@ def test_rerunning_one_cell_touches_no_other_cell(micro_run):
     counts = job_counts(run_snakemake(target, "--forcerun", "finetune", "-n", *args).stdout)
     assert counts == {"finetune": 1, "total": 1}
     assert "Nothing to be done" in run_snakemake("-n", *args).stdout + run_snakemake("-n", *args).stderr
+
+
+REGENERATE = ["--config", "report={from_existing: true}", "--rerun-triggers", "mtime"]
+
+
+@pytest.mark.slow
+def test_regenerating_figures_touches_no_model_rule(micro_run):
+    workdir, args, _ = micro_run
+    for figure in (workdir / "results/figures").iterdir():
+        figure.unlink()
+    counts = job_counts(run_snakemake("figures", "-n", *args, *REGENERATE).stdout)
+    assert counts == {"figures": 1, "total": 1}
+    run_snakemake("figures", *args, *REGENERATE)
+    assert (workdir / "results/figures/tradeoff.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_missing_cell_is_named_unless_partial_figures_are_asked_for(micro_run):
+    workdir, args, _ = micro_run
+    (workdir / "results/eval/alpha~2.0/tau~0.05/seed~0/zeroshot.json").unlink()
+    (workdir / "results/tables/summary.csv").unlink()
+    failed = run_snakemake("tables", *args, *REGENERATE, check=False)
+    assert failed.returncode != 0
+    log = (workdir / "logs/summary/summary.log").read_text()
+    assert "alpha~2.0/tau~0.05/seed~0 (zeroshot)" in log
+    partial = ["--config", "report={from_existing: true, allow_partial: true}", "--rerun-triggers", "mtime"]
+    run_snakemake("tables", *args, *partial)
+    assert "PARTIAL: 2 of 3 cells" in (workdir / "results/tables/hnc_test.md").read_text()
