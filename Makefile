@@ -16,9 +16,13 @@ $(BIN)/snakemake: pyproject.toml
 demo: $(BIN)/snakemake
 	$(BIN)/snakemake --profile profiles/demo --cores $(CORES)
 	@echo
-	@echo "Demo outputs:"
-	@echo "  synthetic world (real formats):  results/demo/synth/"
-	@ls -d results/demo/* 2>/dev/null | sed 's/^/  /'
+	@echo "Demo outputs (results/):"
+	@echo "  synthetic world, real formats   results/synth/{gqa,hnc,vqav2,textvqa,zeroshot}"
+	@echo "  Parquet shards                  results/data/"
+	@echo "  baseline + fine-tuned towers    results/baseline/, results/finetune/alpha~*/tau~*/seed~*/"
+	@echo "  encoder evaluation              results/eval/<model>/{hnc,zeroshot,drift}.json"
+	@echo "  LLaVA checkpoints, VQA scores   results/llava/<model>/, results/vqa/<model>/<dataset>/scores.json"
+	@echo "  summary, tables, figures        results/tables/, results/figures/"
 
 ## test: unit tests, workflow tests (lint, dry runs, the demo DAG in a tmp dir), SLURM on a local cluster
 test: $(BIN)/snakemake
@@ -31,5 +35,7 @@ lint: $(BIN)/snakemake
 	$(BIN)/snakemake --lint
 	$(BIN)/snakefmt --check Snakefile rules/
 
+## figures, tables: rebuild from the existing result files, scheduling no model job
 figures tables: $(BIN)/snakemake
-	$(BIN)/snakemake --profile profiles/demo --cores $(CORES) $@
+	$(BIN)/snakemake --profile profiles/demo --cores $(CORES) $@ \
+		--config 'report={from_existing: true}' --rerun-triggers mtime
