@@ -75,6 +75,7 @@ rule preprocess_vqa_train:
         paths=lambda wildcards: llava_train_paths(wildcards.dataset),
         subsample=None,
         seed=config["preprocess"]["subsample_seed"],
+        use_ocr=True,
         on_missing_image=config["preprocess"]["on_missing_image"],
     script:
         "../workflow_scripts/preprocess_vqa.py"

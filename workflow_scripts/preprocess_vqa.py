@@ -5,12 +5,20 @@ from hnclip.workflow import run_logged
 def main(smk):
     paths, params = smk.params.paths, smk.params
     if params.dataset == "vqav2":
-        questions = read_vqav2(paths["questions"], paths["annotations"], paths["images"])
+        questions = read_vqav2(
+            paths["questions"], paths["annotations"], paths["images"], on_missing_image=params.on_missing_image
+        )
     else:
-        questions = read_textvqa(paths["questions"], paths["images"], ocr_json=paths["ocr"])
+        questions = read_textvqa(
+            paths["questions"],
+            paths["images"],
+            ocr_json=paths["ocr"] if params.use_ocr else None,
+            on_missing_image=params.on_missing_image,
+        )
     if params.subsample:
         questions = stratified_subsample(questions, params.subsample, params.seed)
-    write_questions(questions, smk.output[0])
+    metadata = {"subsample": params.subsample, "seed": params.seed, "inputs": dict(paths)}
+    write_questions(questions, smk.output[0], metadata=metadata)
 
 
 run_logged(snakemake, main)

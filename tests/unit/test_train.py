@@ -191,3 +191,25 @@ def test_control_cell_skips_hard_negatives_without_changing_the_loss():
         expected = hnc_contrastive_loss(image, text, hard, alpha=0.0, tau=0.07, extra_negative_features=extra_features,
                                         image_ids=ids)
         torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+
+
+def test_encoding_captions_at_their_own_length_equals_encode_text():
+    from hnclip.models import create_clip
+    from hnclip.train.text import encode_text_by_length
+
+    torch.manual_seed(0)
+    model, _, tokenizer = create_clip("hnclip-tiny")
+    model = model.double()
+    captions = ["a red circle", "the blue square is to the left of the green triangle and above the red cross",
+                "there are two circles", "either a gray diamond or a yellow cross is below the red square"]
+    tokens = tokenizer(captions)
+    weights = torch.randn(len(captions), 64, dtype=torch.double)
+    expected = model.encode_text(tokens)
+    (expected * weights).sum().backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    trimmed = encode_text_by_length(model, tokens, edges=(6,))
+    (trimmed * weights).sum().backward()
+    torch.testing.assert_close(trimmed, expected, rtol=0, atol=1e-12)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=0, atol=1e-12, msg=name)

@@ -25,6 +25,7 @@ from hnclip.losses import hard_negative_accuracy, hnc_contrastive_loss, plain_cl
 from hnclip.train import distributed
 from hnclip.train.checkpoint import load_state, save_state
 from hnclip.train.data import BatchMaker, BatchPlan, PairData, load_image_tensors, tokenize_all
+from hnclip.train.text import encode_text_by_length
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class Trainer:
         texts = [batch.texts, batch.hard_negatives[:, :k].flatten(0, 1)]
         if m:
             texts.append(batch.extra_negatives.flatten(0, 1))
-        text_features = self.model.encode_text(torch.cat(texts).to(self.device))
+        text_features = encode_text_by_length(self.model, torch.cat(texts).to(self.device))
         image_features = self.model.encode_image(batch.images.to(self.device))
         gather = distributed.gather_with_grad
         features = {
@@ -241,12 +242,15 @@ class Trainer:
         self.model.eval()
         with self._autocast():
             images = torch.nn.functional.normalize(self.model.encode_image(self.val["images"].to(self.device)), dim=-1)
-            positive = torch.nn.functional.normalize(self.model.encode_text(self.val["positive"].to(self.device)), dim=-1)
-            negative = torch.nn.functional.normalize(self.model.encode_text(self.val["negative"].to(self.device)), dim=-1)
+            positive = self._encode_normalised_text(self.val["positive"])
+            negative = self._encode_normalised_text(self.val["negative"])
         self.model.train()
         image = images[self.val["image_index"].to(self.device)]
         correct = (image * positive).sum(-1) > (image * negative).sum(-1)
         return float(correct.float().mean())
+
+    def _encode_normalised_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(encode_text_by_length(self.model, tokens.to(self.device)), dim=-1)
 
     # ---- checkpoint, log, signals -------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> None:
