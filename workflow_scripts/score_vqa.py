@@ -13,7 +13,8 @@ def main(smk):
         out_scores=smk.output.scores,
         out_items=smk.output.per_item,
         config=smk.params.config,
-        **smk.params.settings,
+        n_boot=smk.params.settings["n_boot"],
+        seed=smk.params.settings["seed"],
     )
 
 
