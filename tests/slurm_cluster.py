@@ -486,11 +486,13 @@ class LocalSlurmCluster:
                 details[last_key] += f" {token}"
         return details
 
-    def requeue(self, job_id: str, timeout_s: float = 60) -> None:
+    def requeue(self, job_id: str, timeout_s: float = 60, release: bool = True) -> None:
         """Kill a running batch job and put it back in the queue, as a preempting admin would.
 
         SLURM holds a requeued job for about two minutes (Reason=BeginTime), set once the old
         run has finished COMPLETING; tests release it as soon as it is PENDING to stay short.
+        With ``release=False`` it stays held until ``release_requeued``: the rerun truncates the
+        job's logs, so a test reads what the killed run left behind in between.
         """
         self.slurm("scontrol", "requeue", job_id)
         deadline = time.monotonic() + timeout_s
@@ -498,6 +500,11 @@ class LocalSlurmCluster:
             if time.monotonic() > deadline:
                 raise SlurmSetupError(f"job {job_id} not PENDING {timeout_s:.0f} s after requeue")
             time.sleep(0.2)
+        if release:
+            self.release_requeued(job_id)
+
+    def release_requeued(self, job_id: str) -> None:
+        """Let a requeued job start now instead of after SLURM's hold."""
         self.slurm("scontrol", "update", f"jobid={job_id}", "StartTime=now")
 
     def cancel_all_jobs(self, timeout_s: float = 30) -> None:
@@ -735,7 +742,8 @@ def snakemake_command(
         "slurm",
     ]
     if configfile is not None:
-        command += ["--configfile", str(Path(configfile).resolve())]
+        # One word: `--configfile PATH` takes every later non-option word (the targets) as a file too.
+        command.append(f"--configfile={Path(configfile).resolve()}")
     return [*command, *targets, *extra_args]
 
 
