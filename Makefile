@@ -37,5 +37,5 @@ lint: $(BIN)/snakemake
 
 ## figures, tables: rebuild from the existing result files, scheduling no model job
 figures tables: $(BIN)/snakemake
-	$(BIN)/snakemake --profile profiles/demo --cores $(CORES) $@ \
-		--config 'report={from_existing: true}' --rerun-triggers mtime
+	$(BIN)/snakemake $@ --profile profiles/demo --cores $(CORES) --rerun-triggers mtime \
+		--config 'report={from_existing: true}'

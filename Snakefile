@@ -34,7 +34,7 @@ localrules:
 
 
 # `snakemake tables figures` rebuilds the views from existing results; add
-# --config 'report={from_existing: true}' --rerun-triggers mtime to schedule no model job at all.
+# --rerun-triggers mtime --config 'report={from_existing: true}' to schedule no model job at all.
 rule all:
     input:
         get_final_output(),

@@ -60,6 +60,47 @@ def fill_defaults(config: dict, schema: dict, root: dict | None = None) -> dict:
     return filled
 
 
+_BOOLEAN_WORDS = {"true": True, "false": False}
+
+
+def _coerce_scalar(value: str, types: list[str]):
+    """A string from ``--config`` (Snakemake reads nested values as plain strings) in the schema's type."""
+    if "boolean" in types and value.lower() in _BOOLEAN_WORDS:
+        return _BOOLEAN_WORDS[value.lower()]
+    for name, convert in (("integer", int), ("number", float)):
+        if name in types:
+            try:
+                return convert(value)
+            except ValueError:
+                pass
+    if "null" in types and value.lower() in ("null", "none", "~"):
+        return None
+    return value
+
+
+def coerce_strings(config: dict, schema: dict, root: dict | None = None) -> dict:
+    """Return ``config`` with string values turned into the booleans/numbers the schema asks for, recursively."""
+    root = root or schema
+    coerced = dict(config)
+    for key, sub_schema in schema.get("properties", {}).items():
+        if key not in coerced:
+            continue
+        sub_schema = _resolve_ref(sub_schema, root)
+        types = sub_schema.get("type", [])
+        types = [types] if isinstance(types, str) else list(types)
+        value = coerced[key]
+        if isinstance(value, dict) and "properties" in sub_schema:
+            coerced[key] = coerce_strings(value, sub_schema, root)
+        elif isinstance(value, str) and "string" not in types:
+            coerced[key] = _coerce_scalar(value, types)
+        elif isinstance(value, list) and isinstance(sub_schema.get("items"), dict):
+            item_types = sub_schema["items"].get("type", [])
+            item_types = [item_types] if isinstance(item_types, str) else list(item_types)
+            if "string" not in item_types:
+                coerced[key] = [_coerce_scalar(v, item_types) if isinstance(v, str) else v for v in value]
+    return coerced
+
+
 def _key_path(error: jsonschema.ValidationError) -> str:
     parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in error.absolute_path]
     return ".".join(parts).replace(".[", "[") or "<top level>"
@@ -97,7 +138,7 @@ def check_paths_exist(config: dict, base_dir: str | os.PathLike = ".") -> None:
 def validate_config(config: dict, schema: dict | None = None, base_dir: str | os.PathLike = ".") -> dict:
     """Fill defaults, validate against the schema and the path checks; return the completed config."""
     schema = schema if schema is not None else load_schema()
-    completed = fill_defaults(config, schema)
+    completed = fill_defaults(coerce_strings(config, schema), schema)
     validate_schema(completed, schema)
     check_paths_exist(completed, base_dir)
     return completed

@@ -60,3 +60,13 @@ def test_bad_values_name_the_key(schema, override, message):
     with pytest.raises(ConfigError) as error:
         validate_config(copy.deepcopy(override), schema)
     assert message in str(error.value)
+
+
+def test_command_line_strings_take_the_schema_type(schema):
+    """Snakemake's --config reads nested values as strings: report={from_existing: true} gives 'true'."""
+    completed = validate_config({"report": {"from_existing": "true"}, "finetune": {"steps": "12", "lr": "1e-4"}},
+                                schema)
+    assert completed["report"]["from_existing"] is True
+    assert completed["finetune"]["steps"] == 12 and completed["finetune"]["lr"] == 1e-4
+    with pytest.raises(ConfigError, match="config key finetune.steps: 'many' is not of type 'integer'"):
+        validate_config({"finetune": {"steps": "many"}}, schema)
