@@ -55,3 +55,13 @@ def write_config(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def slurm_available() -> None:
+    """Skip (with the reason) where a local SLURM cluster cannot be installed: not root, or no apt."""
+    from tests.slurm_cluster import ensure_slurm_installed
+
+    reason = ensure_slurm_installed()
+    if reason:
+        pytest.skip(f"no local SLURM cluster: {reason}")

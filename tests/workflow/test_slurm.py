@@ -25,7 +25,6 @@ from tests.slurm_cluster import (
     TEST_SPEED_OVERRIDES,
     LocalSlurmCluster,
     edit_marked_paths,
-    ensure_slurm_installed,
     finish_snakemake,
     flatten_profile,
     is_alive,
@@ -166,13 +165,6 @@ def test_generated_profile_refuses_an_edit_key_without_a_local_value(tmp_path: P
 
 # ------------------------------------------------------------------------------------------
 # The profile on a real cluster
-
-
-@pytest.fixture(scope="module")
-def slurm_available() -> None:
-    reason = ensure_slurm_installed()
-    if reason:
-        pytest.skip(f"no local SLURM cluster: {reason}")
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ from tests.slurm_cluster import (
     LOCAL_EDIT_VALUES,
     LOCAL_PARTITION,
     LocalSlurmCluster,
-    ensure_slurm_installed,
     finish_snakemake,
     local_slurm_cluster,
     start_snakemake_on_slurm,
@@ -213,13 +212,6 @@ def tensors_that_differ(first: Path, second: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------------
 # Fixtures: one cluster, one profile and one CPU prep for the module
-
-
-@pytest.fixture(scope="module")
-def slurm_available() -> None:
-    reason = ensure_slurm_installed()
-    if reason:
-        pytest.skip(f"no local SLURM cluster: {reason}")
 
 
 @pytest.fixture(scope="module")
