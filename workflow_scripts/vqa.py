@@ -1,4 +1,4 @@
-from hnclip.llava.stage import answer_chunk
+from hnclip.llava.infer import answer_chunk
 from hnclip.workflow import run_logged
 
 

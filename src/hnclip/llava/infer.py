@@ -295,3 +295,22 @@ def predict_vqa(
         "dtype": str(next(llava.model.parameters()).dtype),
         "seconds_this_run": seconds,
     }
+
+
+def answer_chunk(
+    *, checkpoint_dir, questions_parquet, n_chunks: int, chunk: int, out_jsonl, work_jsonl, batch_size: int,
+    max_new_tokens: int, use_ocr: bool, dtype: str,
+) -> None:
+    """Answer chunk ``chunk`` of ``n_chunks`` into a resumable working file; publish it only when complete."""
+    questions = chunk_questions(pd.read_parquet(questions_parquet), n_chunks, chunk)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    llava = load_llava_for_inference(checkpoint_dir, device=device, dtype=dtype)
+    started = time.perf_counter()
+    answer_questions(llava.model, llava.tokenizer, llava.image_processor, questions, work_jsonl,
+                     batch_size=batch_size, max_new_tokens=max_new_tokens, use_ocr=use_ocr,
+                     pad_colour=llava.pad_colour)
+    seconds = time.perf_counter() - started
+    logger.info("%d questions in %.1f s (%s, batch %d, %s)", len(questions), seconds, device, batch_size,
+                prompt_variant(use_ocr))
+    gather_chunks([work_jsonl], out_jsonl, questions["question_id"])
+    os.remove(work_jsonl)

@@ -1,21 +1,16 @@
-"""The LLaVA stages, one function per rule: train the demo LLaVA, swap a tower in, answer one chunk of questions."""
+"""The LLaVA stages, one function per rule: train the demo LLaVA, swap a tower in (answering: hnclip.llava.infer)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import time
 from pathlib import Path
 from typing import Sequence
 
-import pandas as pd
 import torch
 
 from hnclip.io import write_json
 from hnclip.llava.demo_model import build_demo_llava, demo_image_processor, save_demo_llava
 from hnclip.llava.export import export_llava_checkpoint, to_hf_vision_model
-from hnclip.llava.infer import answer_questions, chunk_questions, gather_chunks, load_llava_for_inference
-from hnclip.llava.prompt import prompt_variant
 from hnclip.llava.pretrain import demo_tokenizer_texts, pretrain_demo_llava
 from hnclip.llava.tokenizer import train_demo_tokenizer
 from hnclip.models import load_clip
@@ -56,21 +51,3 @@ def export(*, base_dir, model_name: str, weights, out_dir, config: dict | None =
     summary = export_llava_checkpoint(base_dir, clip, out_dir, tower_name=model_name)
     write_json(Path(out_dir) / "export.json", {"summary": summary, "provenance": provenance(
         config, inputs=[weights], base_llava=str(base_dir))})
-
-
-def answer_chunk(
-    *, checkpoint_dir, questions_parquet, n_chunks: int, chunk: int, out_jsonl, work_jsonl, batch_size: int,
-    max_new_tokens: int, use_ocr: bool, dtype: str,
-) -> None:
-    """Answer chunk ``chunk`` of ``n_chunks`` into a resumable working file; publish it only when complete."""
-    questions = chunk_questions(pd.read_parquet(questions_parquet), n_chunks, chunk)
-    llava = load_llava_for_inference(checkpoint_dir, device=_device(), dtype=dtype)
-    started = time.perf_counter()
-    answer_questions(llava.model, llava.tokenizer, llava.image_processor, questions, work_jsonl,
-                     batch_size=batch_size, max_new_tokens=max_new_tokens, use_ocr=use_ocr,
-                     pad_colour=llava.pad_colour)
-    seconds = time.perf_counter() - started
-    log.info("%d questions in %.1f s (%s, batch %d, %s)", len(questions), seconds, _device(), batch_size,
-             prompt_variant(use_ocr))
-    gather_chunks([work_jsonl], out_jsonl, questions["question_id"])
-    os.remove(work_jsonl)
