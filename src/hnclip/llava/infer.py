@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -27,7 +27,6 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaForConditionalGeneration
 
-from hnclip.io import atomic_path
 from hnclip.llava.predictions import (  # noqa: F401  (re-exported: the inference API)
     PredictionFileError,
     gather_chunks,
