@@ -19,6 +19,11 @@ MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
+def default_device() -> str:
+    """The device a stage runs on: the job's GPU when it has one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class WeightsMismatchError(RuntimeError):
     """A weights file does not fit the architecture it is loaded into."""
 

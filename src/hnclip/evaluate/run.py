@@ -8,7 +8,6 @@ import os
 from typing import Mapping, Sequence
 
 import pandas as pd
-import torch
 
 from hnclip.evaluate.drift import drift_report, fixed_image_sample, measure_drift
 from hnclip.evaluate.hnc import pairwise_accuracy_report, pairwise_correctness, pairwise_scores, read_pair_shards
@@ -22,17 +21,13 @@ from hnclip.evaluate.zeroshot import (
     zeroshot_report,
 )
 from hnclip.io import atomic_path, write_json
-from hnclip.models import load_clip
+from hnclip.models import default_device, load_clip
 from hnclip.provenance import provenance
 
 log = logging.getLogger(__name__)
 
 Paths = Mapping[str, str | os.PathLike]
 ZEROSHOT_READERS = {"folder": read_image_folder, "cifar10": read_cifar10, "cifar100": read_cifar100}
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _read_references(references: Paths) -> dict[str, pd.DataFrame]:
@@ -68,7 +63,7 @@ def evaluate_encoder(
     ``references`` maps a benchmark (hnc, zeroshot) to {comparison name: per-item Parquet}; ``outputs`` holds
     hnc, hnc_items, zeroshot, zeroshot_items and drift paths.
     """
-    device = _device()
+    device = default_device()
     clip, preprocess, tokenizer = load_clip(model_name, weights, device=device)
     common = dict(model=model, batch_size=batch_size, n_boot=n_boot, seed=seed, config=config)
     evaluate_hnc(clip, preprocess, tokenizer, shards=test_shards, references=references["hnc"],

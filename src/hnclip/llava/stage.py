@@ -6,21 +6,16 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from hnclip.io import write_json
 from hnclip.llava.demo_model import build_demo_llava, demo_image_processor, save_demo_llava
 from hnclip.llava.export import export_llava_checkpoint, to_hf_vision_model
 from hnclip.llava.pretrain import demo_tokenizer_texts, pretrain_demo_llava
 from hnclip.llava.tokenizer import train_demo_tokenizer
-from hnclip.models import load_clip
+from hnclip.models import default_device, load_clip
 from hnclip.provenance import provenance
 
 log = logging.getLogger(__name__)
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def pretrain_llava(
@@ -36,7 +31,7 @@ def pretrain_llava(
     model = build_demo_llava(tower, tokenizer, seed=seed)
     mean, std = clip.visual.preprocess_cfg["mean"], clip.visual.preprocess_cfg["std"]
     processor = demo_image_processor(tower.config, image_mean=mean, image_std=std)
-    model.to(_device())
+    model.to(default_device())
     summary = pretrain_demo_llava(model, tokenizer, processor, list(train_questions), steps=steps, lr=lr,
                                   batch_size=batch_size, seed=seed, log_path=log_path)
     log.info("demo LLaVA trained: %s", summary)

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from hnclip.models import create_clip, load_clip, save_clip
+from hnclip.models import create_clip, default_device, load_clip, save_clip
 from hnclip.provenance import provenance
 from hnclip.io import write_json
 from hnclip.train import distributed
@@ -40,7 +40,7 @@ def run_training(
     The final weights, the per-step CSV log and provenance are written only at the end; the resume state stays in
     ``state_dir``, outside the rule's declared outputs, so Snakemake never deletes it when it cleans a failed job.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     rank, _ = distributed.init_from_env()
     torch.manual_seed(settings.seed)  # a random init (the demo baseline) is part of the run's seed too
     if init_weights is None:
