@@ -217,17 +217,19 @@ class ReferenceAlignmentError(KeyError):
 
 
 def align_reference(
-    items: pd.DataFrame, reference: pd.DataFrame, key_columns: Sequence[str], name: str
+    items: pd.DataFrame, reference: pd.DataFrame, key_columns: Sequence[str], name: str,
+    value_column: str = "correct",
 ) -> np.ndarray:
-    """The reference's ``correct`` column reordered to match ``items`` row by row, joined on keys.
+    """The reference's ``value_column`` reordered to match ``items`` row by row, joined on keys.
 
     A paired test is only valid on the same items, so every item must be found in the reference
-    exactly once; extra reference items (a superset) are ignored.
+    exactly once; extra reference items (a superset) are ignored. ``correct`` is checked to be 0/1;
+    another column (a soft VQA accuracy) is returned as floats.
     """
     import pandas as pd  # local: stats stays importable with numpy alone
 
     keys = list(key_columns)
-    missing_columns = [c for c in [*keys, "correct"] if c not in reference.columns]
+    missing_columns = [c for c in [*keys, value_column] if c not in reference.columns]
     if missing_columns:
         raise ReferenceAlignmentError(f"reference {name!r} lacks columns {missing_columns}")
     duplicated = reference.duplicated(keys)
@@ -235,7 +237,7 @@ def align_reference(
         first = reference.loc[duplicated, keys].iloc[0].to_dict()
         raise ReferenceAlignmentError(f"reference {name!r} holds item {first} more than once")
     merged = pd.merge(
-        items[keys], reference[[*keys, "correct"]], on=keys, how="left", validate="many_to_one",
+        items[keys], reference[[*keys, value_column]], on=keys, how="left", validate="many_to_one",
         indicator=True,
     )
     absent = merged["_merge"] != "both"
@@ -244,6 +246,8 @@ def align_reference(
         raise ReferenceAlignmentError(
             f"reference {name!r} lacks {int(absent.sum())} of {len(items)} evaluated items, e.g. {first}"
         )
+    if value_column != "correct":
+        return merged[value_column].to_numpy(dtype=float)
     return _as_correctness(merged["correct"].to_numpy(), f"reference {name!r} correct")
 
 

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from hnclip.evaluate.stats import bootstrap_ci, paired_bootstrap
+from hnclip.evaluate.stats import align_reference, bootstrap_ci, paired_bootstrap
 from hnclip.io import atomic_path, write_json
 from hnclip.llava.predictions import gather_chunks
 from hnclip.metrics import textvqa_accuracy, textvqa_exact_match, vqa_accuracy
@@ -61,7 +61,11 @@ def vqa_report(
     paired bootstraps on the same questions (soft accuracies: McNemar does not apply).
     """
     metrics = ["accuracy"] + (["exact_match"] if "exact_match" in items else [])
-    aligned = {name: _align(items, ref, name) for name, ref in references.items()}
+    aligned = {
+        (name, metric): align_reference(items, reference, [ITEM_KEY], name, value_column=metric)
+        for name, reference in references.items()
+        for metric in metrics
+    }
     clusters = items["image_id"].astype(str).to_numpy()
     rows = []
     for subset, mask in _subsets(items):
@@ -70,23 +74,13 @@ def vqa_report(
             ci = bootstrap_ci(values, clusters[mask], n_boot=n_boot, seed=seed)
             row = dict(model=model, benchmark=benchmark, subset=subset, metric=metric, value=ci.value,
                        ci_low=ci.ci_low, ci_high=ci.ci_high, n=int(mask.sum()))
-            for name, reference in aligned.items():
-                paired = paired_bootstrap(values, reference[metric].to_numpy(dtype=float)[mask], clusters[mask],
+            for name in references:
+                paired = paired_bootstrap(values, aligned[name, metric][mask], clusters[mask],
                                           n_boot=n_boot, seed=seed)
                 row[f"delta_vs_{name}"], row[f"p_vs_{name}"] = paired["delta"], paired["p_value"]
                 row["test"] = "paired_bootstrap"
             rows.append(row)
     return rows
-
-
-def _align(items: pd.DataFrame, reference: pd.DataFrame, name: str) -> pd.DataFrame:
-    """The reference's per-question scores in ``items``' order; every question must be there."""
-    indexed = reference.set_index(ITEM_KEY)
-    missing = ~items[ITEM_KEY].isin(indexed.index)
-    if missing.any():
-        raise ValueError(f"the {name} reference lacks {int(missing.sum())} question(s) of this model, e.g. "
-                         f"question_id {int(items.loc[missing, ITEM_KEY].iloc[0])}: compare on the same questions")
-    return indexed.loc[items[ITEM_KEY]].reset_index()
 
 
 def score_vqa(
