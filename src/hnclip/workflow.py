@@ -27,8 +27,8 @@ def run_logged(snakemake: Any, main: Callable[[Any], None]) -> None:
     log_path = snakemake.log[0] if len(snakemake.log) else None
     threads = int(getattr(snakemake, "threads", 1) or 1)
     _limit_torch_threads(threads)
-    stream = open(log_path, "a", buffering=1) if log_path else sys.stderr
-    with stream if log_path else contextlib.nullcontext(), contextlib.redirect_stderr(stream):
+    log_file = open(log_path, "a", buffering=1) if log_path else contextlib.nullcontext(sys.stderr)
+    with log_file as stream, contextlib.redirect_stderr(stream):
         configure_logging()
         logging.getLogger("hnclip").info("rule %s, threads %d", snakemake.rule, threads)
         try:

@@ -280,7 +280,8 @@ class Trainer:
         if start == 0:
             self.log_path.unlink()
             return
-        rows = [r for r in csv.DictReader(open(self.log_path)) if int(r["step"]) <= start]
+        with open(self.log_path, newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= start]
         with atomic_path(self.log_path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
             writer.writeheader()
