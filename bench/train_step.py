@@ -115,7 +115,8 @@ def our_loop_samples_per_s(model_name, shards, batch_size, steps, device, workdi
 
 
 def open_clip_train_samples_per_s(model_name, shards, batch_size, steps, device, workdir: Path) -> float:
-    """open_clip_train's own reported samples/s on the same images and captions (positives), same batch size."""
+    """open_clip_train's own samples/s on the same images and captions (positives), same batch size: the median of
+    its per-step figures over the second half of the run (it logs every step, so each step's time is whole)."""
     table = read_shards(shards).drop_duplicates(["image_id", "positive"])
     csv_path = workdir / "train.csv"
     with open(csv_path, "w", newline="") as handle:
@@ -128,7 +129,7 @@ def open_clip_train_samples_per_s(model_name, shards, batch_size, steps, device,
         "import sys, hnclip.models; from open_clip_train.main import main; main(sys.argv[1:])",
         "--model", model_name, "--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", "\t",
         "--batch-size", str(batch_size), "--train-num-samples", str(samples), "--epochs", "1", "--workers", "0",
-        "--lr", "1e-5", "--warmup", "0", "--log-every-n-steps", str(max(1, steps // 2)), "--save-frequency", "0",
+        "--lr", "1e-5", "--warmup", "0", "--log-every-n-steps", "1", "--save-frequency", "0",
         "--zeroshot-frequency", "0", "--val-frequency", "0", "--logs", str(workdir / "logs"), "--report-to", "",
         "--precision", "amp_bf16" if device == "cuda" else "fp32", "--device", device, "--seed", "0",
     ]
@@ -136,7 +137,8 @@ def open_clip_train_samples_per_s(model_name, shards, batch_size, steps, device,
     rates = re.findall(r"([0-9.]+)/s, [0-9.]+/s/gpu", result.stdout + result.stderr)
     if not rates:
         raise RuntimeError(f"open_clip_train reported no throughput:\n{result.stderr[-3000:]}")
-    return float(rates[-1])  # the last log covers the steady second half of the run
+    steady = sorted(float(rate) for rate in rates[len(rates) // 2 :])
+    return steady[len(steady) // 2]
 
 
 def main() -> None:

@@ -30,13 +30,16 @@ def _encode_trimmed(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def encode_text_by_length(model, tokens: torch.Tensor, edges: tuple[int, ...] = BUCKET_EDGES) -> torch.Tensor:
-    """``model.encode_text(tokens)``, computed per length bucket on trimmed token rows.
+    """``model.encode_text(tokens)``, computed per length bucket on trimmed token rows, on the model's device.
 
-    Falls back to ``encode_text`` for towers this trick does not hold for (non-causal or non-argmax pooling,
-    custom text towers).
+    Pass ``tokens`` on the CPU: the buckets are then found there, and the GPU never waits for the host to read
+    lengths back (a device sync per step would stall the training loop's queue). Falls back to ``encode_text`` for
+    towers this trick does not hold for (non-causal or non-argmax pooling, custom text towers).
     """
+    device = next(model.parameters()).device
     if not isinstance(model, CLIP) or model.text_pool_type != "argmax" or model.attn_mask is None:
-        return model.encode_text(tokens)
+        return model.encode_text(tokens.to(device))
+    tokens = tokens.cpu()
     lengths = caption_lengths(tokens)
     features = None
     lower = 0
@@ -46,8 +49,8 @@ def encode_text_by_length(model, tokens: torch.Tensor, edges: tuple[int, ...] = 
         if rows.numel() == 0:
             continue
         trimmed = tokens[rows, : int(lengths[rows].max())]
-        encoded = _encode_trimmed(model, trimmed)
+        encoded = _encode_trimmed(model, trimmed.to(device, non_blocking=True))
         if features is None:
             features = encoded.new_empty(tokens.shape[0], encoded.shape[-1])
-        features = features.index_copy(0, rows, encoded)
+        features = features.index_copy(0, rows.to(device, non_blocking=True), encoded)
     return features

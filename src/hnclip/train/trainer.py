@@ -6,7 +6,9 @@ It serves both the demo's baseline pre-training (plain CLIP loss on positives) a
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
+import dataclasses
 import logging
 import math
 import signal
@@ -102,6 +104,8 @@ class Trainer:
         self.log_path = self.state_dir / "train_log.csv"
         self.rank, self.world_size = distributed.rank_and_world()
         self._stop_signal: int | None = None
+        self._prefetch: concurrent.futures.ThreadPoolExecutor | None = None
+        self._next: tuple[int, concurrent.futures.Future] | None = None
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def setup(self) -> int:
@@ -167,7 +171,7 @@ class Trainer:
         lr = learning_rate(step, s)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.batches.batch(step, self.rank, self.world_size)
+        batch = self._batch(step)
         with self._autocast():
             features = self._encode_batch(batch)
             loss, parts = self._loss(features)
@@ -189,6 +193,28 @@ class Trainer:
             "val_pairwise_accuracy": "",
         }
 
+    def _batch(self, step: int):
+        """The step's batch. On a GPU the next step's batch is gathered and pinned by a helper thread meanwhile, so
+        the card never waits for the host's copies (batches are a pure function of the step: order is unchanged)."""
+        if self.device.type != "cuda":
+            return self.batches.batch(step, self.rank, self.world_size)
+        if self._prefetch is None:
+            self._prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        if self._next is not None and self._next[0] == step:
+            batch = self._next[1].result()
+        else:
+            batch = self._pinned_batch(step)
+        self._next = (step + 1, self._prefetch.submit(self._pinned_batch, step + 1))
+        return batch
+
+    def _pinned_batch(self, step: int):
+        batch = self.batches.batch(step, self.rank, self.world_size)
+        return dataclasses.replace(batch, images=batch.images.pin_memory())
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        # pinned (on a GPU): the copy runs asynchronously instead of blocking the host
+        return images.to(self.device, non_blocking=images.is_pinned())
+
     def _encode_batch(self, batch) -> dict[str, torch.Tensor]:
         """Encode every text of the batch in one call, then gather all ranks' rows (with gradient)."""
         n = batch.texts.shape[0]
@@ -200,8 +226,8 @@ class Trainer:
         texts = [batch.texts, batch.hard_negatives[:, :k].flatten(0, 1)]
         if m:
             texts.append(batch.extra_negatives.flatten(0, 1))
-        text_features = encode_text_by_length(self.model, torch.cat(texts).to(self.device))
-        image_features = self.model.encode_image(batch.images.to(self.device))
+        text_features = encode_text_by_length(self.model, torch.cat(texts))
+        image_features = self.model.encode_image(self._to_device(batch.images))
         gather = distributed.gather_with_grad
         features = {
             "image": gather(image_features),
@@ -251,7 +277,7 @@ class Trainer:
         return float(correct.float().mean())
 
     def _encode_normalised_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(encode_text_by_length(self.model, tokens.to(self.device)), dim=-1)
+        return torch.nn.functional.normalize(encode_text_by_length(self.model, tokens), dim=-1)
 
     # ---- checkpoint, log, signals -------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> None:
