@@ -12,9 +12,10 @@ $(BIN)/snakemake: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-## demo: the whole DAG on the synthetic world, CPU only, no network
+## demo: the whole DAG on the synthetic world, CPU only, no network. Jobs fork from a warm interpreter that has
+## torch & co imported already (hnclip.warm): ~8 s of imports per job would otherwise be most of the demo's time.
 demo: $(BIN)/snakemake
-	$(BIN)/snakemake --profile profiles/demo --cores $(CORES)
+	$(BIN)/python -m hnclip.warm run -- $(BIN)/snakemake --profile profiles/demo --cores $(CORES)
 	@echo
 	@echo "Demo outputs (results/):"
 	@echo "  synthetic world, real formats   results/synth/{gqa,hnc,vqav2,textvqa,zeroshot}"

@@ -1,8 +1,9 @@
-from hnclip.data.download import fetch_manifest_entry
 from hnclip.workflow import run_logged
 
 
 def main(smk):
+    from hnclip.data.download import fetch_manifest_entry
+
     fetch_manifest_entry(smk.wildcards.entry, smk.params.manifest, smk.params.resources_dir)
 
 

@@ -1,8 +1,9 @@
-from hnclip.evaluate.run import evaluate_encoder
 from hnclip.workflow import run_logged
 
 
 def main(smk):
+    from hnclip.evaluate.run import evaluate_encoder
+
     evaluate_encoder(
         model=smk.wildcards.model,
         model_name=smk.params.model_name,

@@ -1,8 +1,9 @@
-from hnclip.llava.stage import export
 from hnclip.workflow import run_logged
 
 
 def main(smk):
+    from hnclip.llava.stage import export
+
     export(
         base_dir=smk.params.base_dir,
         model_name=smk.params.model_name,

@@ -1,10 +1,11 @@
 from pathlib import Path
 
-from hnclip.data.hnc import write_pair_shards
 from hnclip.workflow import run_logged
 
 
 def main(smk):
+    from hnclip.data.hnc import write_pair_shards
+
     write_pair_shards(
         smk.params.json,
         Path(smk.output.stats).parent,

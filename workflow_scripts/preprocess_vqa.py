@@ -1,8 +1,9 @@
-from hnclip.data.vqa import read_textvqa, read_vqav2, stratified_subsample, write_questions
 from hnclip.workflow import run_logged
 
 
 def main(smk):
+    from hnclip.data.vqa import read_textvqa, read_vqav2, stratified_subsample, write_questions
+
     paths, params = smk.params.paths, smk.params
     if params.dataset == "vqav2":
         questions = read_vqav2(

@@ -1,8 +1,9 @@
-from hnclip.llava.stage import pretrain_llava
 from hnclip.workflow import run_logged
 
 
 def main(smk):
+    from hnclip.llava.stage import pretrain_llava
+
     pretrain_llava(
         baseline_weights=smk.input.baseline,
         model_name=smk.params.model_name,

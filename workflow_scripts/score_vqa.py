@@ -1,8 +1,9 @@
-from hnclip.llava.score import score_vqa
 from hnclip.workflow import run_logged
 
 
 def main(smk):
+    from hnclip.llava.score import score_vqa
+
     score_vqa(
         model=smk.wildcards.model,
         dataset=smk.wildcards.dataset,

@@ -1,8 +1,9 @@
-from hnclip.report.stage import write_summary
 from hnclip.workflow import run_logged
 
 
 def main(smk):
+    from hnclip.report.stage import write_summary
+
     write_summary(
         list(smk.input),
         smk.output.summary,

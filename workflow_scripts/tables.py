@@ -1,8 +1,9 @@
-from hnclip.report.stage import write_tables_from_summary
 from hnclip.workflow import run_logged
 
 
 def main(smk):
+    from hnclip.report.stage import write_tables_from_summary
+
     write_tables_from_summary(
         smk.input.summary,
         smk.params.out_dir,

@@ -1,11 +1,12 @@
 import json
 from pathlib import Path
 
-from hnclip.train import TrainSettings, launch_torchrun, run_training
 from hnclip.workflow import run_logged
 
 
 def main(smk):
+    from hnclip.train import TrainSettings, launch_torchrun, run_training
+
     spec = dict(
         settings=dict(smk.params.settings),
         model_name=smk.params.model_name,

@@ -1,8 +1,9 @@
-from hnclip.llava.infer import answer_chunk
 from hnclip.workflow import run_logged
 
 
 def main(smk):
+    from hnclip.llava.infer import answer_chunk
+
     answer_chunk(
         checkpoint_dir=smk.input.checkpoint,
         questions_parquet=smk.input.questions,

@@ -1,4 +1,8 @@
-"""What every rule adapter in workflow_scripts/ shares: log to the rule's log file, then call one function."""
+"""What every rule adapter in workflow_scripts/ shares: log to the rule's log file, then call one function.
+
+Adapters import the library inside ``main``: the adapter process then stays light enough to hand the job to a warm
+server (:mod:`hnclip.warm`), where those imports are already done.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import logging
 import sys
 import traceback
 from typing import Any, Callable
+
+from hnclip import warm
 
 
 def configure_logging() -> None:
@@ -22,8 +28,15 @@ def configure_logging() -> None:
 def run_logged(snakemake: Any, main: Callable[[Any], None]) -> None:
     """Run ``main(snakemake)`` with stderr and logging redirected to ``snakemake.log[0]``.
 
-    Errors are written to the log with their traceback and re-raised so Snakemake marks the job failed.
+    Errors are written to the log with their traceback and re-raised so Snakemake marks the job failed. Under a
+    warm server (:mod:`hnclip.warm`) the script runs in a forked child of it instead, with this process's streams,
+    and this process exits with the child's code.
     """
+    exit_code = warm.delegate(main.__code__.co_filename)
+    if exit_code is not None:
+        if exit_code:
+            sys.exit(exit_code)
+        return
     log_path = snakemake.log[0] if len(snakemake.log) else None
     threads = int(getattr(snakemake, "threads", 1) or 1)
     _limit_torch_threads(threads)
