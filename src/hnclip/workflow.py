@@ -43,7 +43,8 @@ def run_logged(snakemake: Any, main: Callable[[Any], None]) -> None:
     log_file = open(log_path, "a", buffering=1) if log_path else contextlib.nullcontext(sys.stderr)
     with log_file as stream, contextlib.redirect_stderr(stream):
         configure_logging()
-        logging.getLogger("hnclip").info("rule %s, threads %d", snakemake.rule, threads)
+        where = "a child of the warm server" if warm.in_child() else "its own process"
+        logging.getLogger("hnclip").info("rule %s, threads %d, in %s", snakemake.rule, threads, where)
         try:
             main(snakemake)
         except BaseException:

@@ -128,6 +128,8 @@ def test_config_defaults_are_the_demo_world():
         ({"n_val": True}, "WorldConfig.n_val must be an integer"),
         ({"jpeg_quality": "high"}, "WorldConfig.jpeg_quality must be an integer"),
         ({"n_test": 0}, "WorldConfig.n_test = 0"),
+        ({"min_gap": 0.5}, "WorldConfig.min_gap = 0.5"),
+        ({"diagonal_pairs": "no"}, "WorldConfig.diagonal_pairs = 'no'"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(changes, message):
@@ -577,6 +579,20 @@ def test_layout_succeeds_at_other_sizes(image_size, max_objects):
     for k in range(150):
         scene = sampler.sample(random.Random(k), ["a", "b", "c", "d"], "exclude")
         assert 2 <= len(scene.objects) <= max_objects
+
+
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_layout_keeps_the_gap_and_diagonal_pairs_only_when_allowed(diagonal):
+    config = WorldConfig(max_objects=2, min_gap=0.25, diagonal_pairs=diagonal)
+    sampler = SceneSampler(config, choose_heldout(config))
+    gap = round(0.25 * config.image_size)
+    apart_on_both_axes = 0
+    for k in range(300):
+        a, b = sampler.sample(random.Random(k), ["a", "b"], "exclude").objects
+        gaps = [max(b.x - (a.x + a.w), a.x - (b.x + b.w)), max(b.y - (a.y + a.h), a.y - (b.y + b.h))]
+        assert max(gaps) >= gap, f"scene {k}: shapes only {max(gaps)} px apart"
+        apart_on_both_axes += min(gaps) >= gap
+    assert (apart_on_both_axes > 0) == diagonal
 
 
 def _read_sign_at_32px(word: str, seed: int) -> str:

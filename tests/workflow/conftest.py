@@ -12,9 +12,11 @@ REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def run_snakemake(*args, cwd=REPO, timeout=900, check=True) -> subprocess.CompletedProcess:
+def run_snakemake(*args, cwd=REPO, timeout=900, check=True, warm=False) -> subprocess.CompletedProcess:
+    """Snakemake on this repository's Snakefile; ``warm``: under hnclip.warm, as ``make demo`` runs it."""
+    wrapper = [sys.executable, "-m", "hnclip.warm", "run", "--"] if warm else []
     result = subprocess.run(
-        [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), *args],
+        [*wrapper, *SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), *args],
         cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )
     if check and result.returncode != 0:

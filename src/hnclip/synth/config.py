@@ -35,6 +35,10 @@ class WorldConfig:
     max_objects: int = 3
     # Share of images with exactly two objects; the rest spread evenly over 3..max_objects.
     two_object_fraction: float = 0.65
+    # Least gap, as a share of the image side, between two shapes that stand in a spatial relation.
+    min_gap: float = 0.07
+    # Whether two shapes may be apart on both axes, so that two relations hold at once ("left of" and "above").
+    diagonal_pairs: bool = True
     # Positive captions (each with one hard negative) per image in HNC train/val and in HNC test.
     captions_per_image: int = 5
     test_captions_per_image: int = 8
@@ -54,6 +58,8 @@ class WorldConfig:
             _check_int(self, *spec)
         for name, low, high in _FLOAT_RANGES:
             _check_float(self, name, low, high)
+        if not isinstance(self.diagonal_pairs, bool):
+            raise WorldConfigError(f"WorldConfig.diagonal_pairs = {self.diagonal_pairs!r} must be true or false")
         total = self.n_train + self.n_val + self.n_test
         if not MIN_TOTAL_IMAGES <= total <= MAX_TOTAL_IMAGES:
             raise WorldConfigError(
@@ -96,6 +102,7 @@ _INT_RANGES: tuple[tuple[str, int, int], ...] = (
 )
 _FLOAT_RANGES: tuple[tuple[str, float, float], ...] = (
     ("two_object_fraction", 0.0, 1.0),
+    ("min_gap", 0.02, 0.4),
     ("test_heldout_fraction", 0.0, 1.0),
     ("duplicate_pair_rate", 0.0, 0.5),
 )

@@ -63,12 +63,12 @@ class LayoutRules:
     large_side: tuple[int, int]
 
     @classmethod
-    def for_size(cls, image_size: int) -> "LayoutRules":
+    def for_size(cls, image_size: int, min_gap: float = 0.07) -> "LayoutRules":
         # Small shapes stay >= 6 px and the gap >= 2 px once the demo tower resizes 64 px images to 32 px.
         return cls(
             image_size=image_size,
             border=max(1, round(0.03 * image_size)),
-            gap=max(2, round(0.07 * image_size)),
+            gap=max(2, round(min_gap * image_size)),
             small_side=(round(0.21 * image_size), round(0.25 * image_size)),
             large_side=(round(0.33 * image_size), round(0.38 * image_size)),
         )
@@ -123,12 +123,14 @@ def holds(a: SceneObject, relation: str, b: SceneObject, gap: int) -> bool:
     raise ValueError(f"unknown relation {relation!r}")
 
 
-def pair_is_unambiguous(a: SceneObject, b: SceneObject, gap: int) -> bool:
-    """Apart on some axis, and on each axis either clearly apart or clearly aligned."""
+def pair_is_unambiguous(a: SceneObject, b: SceneObject, gap: int, diagonal: bool = True) -> bool:
+    """Apart on some axis (on exactly one unless ``diagonal``), and on each axis clearly apart or clearly aligned."""
     gap_x = axis_gap(a.x, a.w, b.x, b.w)
     gap_y = axis_gap(a.y, a.h, b.y, b.h)
     aligned_x = -gap_x >= math.ceil(min(a.w, b.w) / 2)
     aligned_y = -gap_y >= math.ceil(min(a.h, b.h) / 2)
+    if not diagonal and gap_x >= gap and gap_y >= gap:
+        return False
     return (gap_x >= gap or gap_y >= gap) and (gap_x >= gap or aligned_x) and (gap_y >= gap or aligned_y)
 
 
@@ -216,7 +218,7 @@ class SceneSampler:
 
     def __init__(self, config: WorldConfig, heldout: HeldOut) -> None:
         self.config = config
-        self.rules = LayoutRules.for_size(config.image_size)
+        self.rules = LayoutRules.for_size(config.image_size, config.min_gap)
         self.heldout = heldout
         self._heldout_pairs = set(heldout.colour_shape)
         self._heldout_triples = set(heldout.relation)
@@ -292,7 +294,7 @@ class SceneSampler:
     def _layout_ok(self, boxes, combos, required, mode) -> bool:
         probes = [_Probe(x, y, side, side) for x, y, side in boxes]
         for a, b in combinations(probes, 2):
-            if not pair_is_unambiguous(a, b, self.rules.gap):
+            if not pair_is_unambiguous(a, b, self.rules.gap, self.config.diagonal_pairs):
                 return False
         for a, relation, b in required:
             if not holds(probes[a], relation, probes[b], self.rules.gap):
