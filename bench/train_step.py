@@ -114,6 +114,28 @@ def our_loop_samples_per_s(model_name, shards, batch_size, steps, device, workdi
     return batch_size * (steps - warmup) / (_sync_time(device) - started)
 
 
+def profile_our_loop(model_name, shards, batch_size, device, workdir: Path, steps: int = 6) -> None:
+    """Where one step of hnclip's loop spends its time: torch.profiler over a few steps after a warm-up."""
+    model, preprocess, tokenizer = create_clip(model_name, device=device)
+    settings = TrainSettings(steps=100, batch_size=batch_size, lr=1e-5, seed=0, tau=0.07, alpha=0.0,
+                             val_every=10**9, checkpoint_every=10**9)
+    trainer = Trainer(settings, model, tokenizer, preprocess, read_shards(shards), None, workdir / "ours", device)
+    trainer.setup()
+    for step in range(3):
+        trainer.step(step)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    started = _sync_time(device)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for step in range(3, 3 + steps):
+            trainer.step(step)
+    seconds = (_sync_time(device) - started) / steps
+    print(f"{seconds * 1e3:.1f} ms per step ({batch_size / seconds:.1f} samples/s) while profiled")
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+
+
 def open_clip_train_samples_per_s(model_name, shards, batch_size, steps, device, workdir: Path) -> float:
     """open_clip_train's own samples/s on the same images and captions (positives), same batch size: the median of
     its per-step figures over the second half of the run (it logs every step, so each step's time is whole)."""
@@ -148,6 +170,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile-loop", action="store_true",
+                        help="only profile a few steps of hnclip's loop (torch.profiler) and print where time goes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_name = REAL_MODEL if args.real_size else TINY_MODEL
@@ -156,6 +180,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         shards = synthetic_shards(workdir, n_images=max(400, batch_size * 4))
+        if args.profile_loop:
+            profile_our_loop(model_name, shards, batch_size, args.device, workdir)
+            return
         model, preprocess, tokenizer = create_clip(model_name, device=args.device)
         data = PairData.from_pairs(read_shards(shards))
         batches = BatchMaker(BatchPlan(data, batch_size, seed=0), load_image_tensors(data.image_paths, preprocess),
