@@ -8,7 +8,7 @@ def test_thesis_estimate_counts_every_job_and_hours():
     cells = 4 * 3 * 3
     assert costs["finetune"].jobs == cells and costs["evaluate_encoder"].jobs == cells + 1
     finetune = costs["finetune"]
-    expected = cells * (5000 * 256 / 340.0 + 120) / 3600
+    expected = cells * (5000 * 256 / config["estimate"]["finetune_samples_per_s"] + 120) / 3600
     assert finetune.gpu_hours == expected
     assert costs["vqa (vqav2)"].items_per_job == 20000
     table = format_estimate(list(costs.values()))
