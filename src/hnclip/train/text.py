@@ -22,10 +22,11 @@ def caption_lengths(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.argmax(dim=-1) + 1
 
 
-def _encode_trimmed(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
+def _encode_trimmed(model: CLIP, tokens: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+    """Features of trimmed token rows whose token embeddings are ``embedded`` (same rows, same length)."""
     length = tokens.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = embedded.to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = text_global_pool(model.ln_final(x), tokens, model.text_pool_type)
     return x @ model.text_projection if not isinstance(model.text_projection, torch.nn.Linear) else \
@@ -58,6 +59,10 @@ def _attention_without_cudnn(device: torch.device):
 
 
 def _encode_buckets(model, tokens, lengths, edges, device) -> torch.Tensor:
+    # One embedding lookup for all rows: each lookup's backward writes a dense vocabulary-sized gradient, and one
+    # per bucket took half of a tiny model's CPU step (torch.profiler).
+    longest = int(lengths.max())
+    embedded = model.token_embedding(tokens[:, :longest].to(device, non_blocking=True))
     features = None
     lower = 0
     for upper in (*edges, tokens.shape[1]):
@@ -65,9 +70,11 @@ def _encode_buckets(model, tokens, lengths, edges, device) -> torch.Tensor:
         lower = upper
         if rows.numel() == 0:
             continue
-        trimmed = tokens[rows, : int(lengths[rows].max())]
-        encoded = _encode_trimmed(model, trimmed.to(device, non_blocking=True))
+        length = int(lengths[rows].max())
+        rows_on_device = rows.to(device, non_blocking=True)
+        trimmed = tokens[rows, :length].to(device, non_blocking=True)
+        encoded = _encode_trimmed(model, trimmed, embedded[rows_on_device, :length])
         if features is None:
             features = encoded.new_empty(tokens.shape[0], encoded.shape[-1])
-        features = features.index_copy(0, rows.to(device, non_blocking=True), encoded)
+        features = features.index_copy(0, rows_on_device, encoded)
     return features
