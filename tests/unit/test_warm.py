@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -63,8 +64,6 @@ def run_job(tmp_path: Path, socket_path: str | None, **env) -> subprocess.Comple
 
 
 def read_record(tmp_path: Path) -> dict:
-    import json
-
     return json.loads((tmp_path / "record.json").read_text())
 
 

@@ -11,8 +11,8 @@ import contextlib
 
 import torch
 from open_clip.model import CLIP
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from open_clip.transformer import text_global_pool
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BUCKET_EDGES = (16,)
 
