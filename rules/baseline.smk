@@ -25,7 +25,6 @@ if IS_DEMO:
             settings=pretrain_settings(),
             model_name=config["model"]["clip_name"],
             state_dir="results/state/pretrain",
-            config=config,
         script:
             "../workflow_scripts/train.py"
 

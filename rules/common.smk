@@ -193,6 +193,15 @@ def finetune_settings(wildcards):
     )
 
 
+def llava_training_settings():
+    """The demo LLaVA's training keys only: changing an inference setting must not retrain it."""
+    return {
+        key: value
+        for key, value in config["llava"].items()
+        if key.startswith(("align_", "pretrain_"))
+    }
+
+
 def pretrain_settings():
     p, f = config["pretrain"], config["finetune"]
     return dict(

@@ -30,7 +30,6 @@ rule evaluate_encoder:
         drift_images=config["evaluate"]["drift_images"],
         model_name=config["model"]["clip_name"],
         settings=eval_settings(),
-        config=config,
     script:
         "../workflow_scripts/evaluate_encoder.py"
 

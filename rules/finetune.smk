@@ -23,7 +23,6 @@ rule finetune:
         model_name=config["model"]["clip_name"],
         # outside the declared outputs: Snakemake never deletes it when it cleans a failed or preempted job
         state_dir="results/state/finetune/alpha~{alpha}/tau~{tau}/seed~{seed}",
-        config=config,
     script:
         "../workflow_scripts/train.py"
 

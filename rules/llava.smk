@@ -11,6 +11,7 @@ if IS_DEMO:
             vocabulary=expand(
                 "results/data/vqa/{dataset}/questions.parquet", dataset=VQA_DATASETS
             ),
+            captions=hnc_shards("train"),
         output:
             directory(LLAVA_BASE),
         log:
@@ -26,12 +27,9 @@ if IS_DEMO:
             gpu=resource("pretrain_llava", "gpu"),
         params:
             model_name=config["model"]["clip_name"],
-            steps=config["llava"]["pretrain_steps"],
-            batch_size=config["llava"]["pretrain_batch_size"],
-            lr=config["llava"]["pretrain_lr"],
+            settings=llava_training_settings(),
             seed=config["pretrain"]["seed"],
             train_log="results/llava/base_train_log.csv",
-            config=config,
         script:
             "../workflow_scripts/pretrain_llava.py"
 
@@ -53,6 +51,5 @@ rule export:
     params:
         base_dir=lambda wildcards: LLAVA_BASE,
         model_name=config["model"]["clip_name"],
-        config=config,
     script:
         "../workflow_scripts/export.py"

@@ -48,7 +48,6 @@ rule score_vqa:
     params:
         references=vqa_references,
         settings=eval_settings(),
-        config=config,
     script:
         "../workflow_scripts/score_vqa.py"
 

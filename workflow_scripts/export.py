@@ -9,7 +9,7 @@ def main(smk):
         model_name=smk.params.model_name,
         weights=smk.input.weights,
         out_dir=smk.output[0],
-        config=smk.params.config,
+        config=smk.config,
     )
 
 

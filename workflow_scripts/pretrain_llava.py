@@ -9,13 +9,12 @@ def main(smk):
         model_name=smk.params.model_name,
         train_questions=list(smk.input.train),
         vocabulary_questions=list(smk.input.vocabulary),
+        captions=list(smk.input.captions),
         out_dir=smk.output[0],
         log_path=smk.params.train_log,
-        steps=smk.params.steps,
-        batch_size=smk.params.batch_size,
-        lr=smk.params.lr,
+        settings=smk.params.settings,
         seed=smk.params.seed,
-        config=smk.params.config,
+        config=smk.config,
     )
 
 

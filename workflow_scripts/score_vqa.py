@@ -13,7 +13,7 @@ def main(smk):
         out_predictions=smk.output.predictions,
         out_scores=smk.output.scores,
         out_items=smk.output.per_item,
-        config=smk.params.config,
+        config=smk.config,
         n_boot=smk.params.settings["n_boot"],
         seed=smk.params.settings["seed"],
     )

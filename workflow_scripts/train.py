@@ -17,7 +17,7 @@ def main(smk):
         out_weights=smk.output.weights,
         out_log=smk.output.train_log,
         out_provenance=smk.output.provenance,
-        config=smk.params.config,
+        config=smk.config,
     )
     gpus = int(smk.resources.get("gpu", 0))
     if gpus > 1:  # one cell on several GPUs of one node: torchrun, one process per GPU

@@ -28,13 +28,17 @@ from hnclip.llava.demo_model import (
 )
 from hnclip.llava.pretrain import (
     IGNORE_INDEX,
+    PretrainDataError,
     build_training_examples,
+    caption_examples,
+    load_caption_tables,
     pretrain_demo_llava,
     tokenizer_training_texts,
 )
 from hnclip.llava.prompt import (
     LLAVA_PAD_COLOUR,
     expand_image_tokens,
+    llava15_followup_turn,
     llava15_prompt,
     num_image_tokens,
     pad_colour_from_mean,
@@ -82,6 +86,13 @@ def test_prompt_snapshot_with_ocr():
         SYSTEM + " USER: <image>\nwhat is written on the sign?\nReference OCR token: STOP, a, 7\n"
         "Answer the question using a single word or phrase. ASSISTANT:"
     )
+
+
+def test_followup_turn_snapshot():
+    assert llava15_followup_turn("Is it red?") == (
+        "USER: Is it red?\nAnswer the question using a single word or phrase. ASSISTANT:")
+    assert llava15_followup_turn("q?", ocr_tokens=["A"]) == (
+        "USER: q?\nReference OCR token: A\nAnswer the question using a single word or phrase. ASSISTANT:")
 
 
 def test_prompt_without_ocr_tokens_has_no_ocr_line():
@@ -149,7 +160,28 @@ def test_tokenizer_special_tokens_bos_and_left_padding(toy):
     assert tokenizer.convert_ids_to_tokens(ids) == ["<s>", "user", ":", "<image>", "<image>", "what", "color", "?"]
     batch = tokenizer(["red", "what color is"], padding=True)
     assert batch["input_ids"][0][:2] == [3, 3] and batch["attention_mask"][0] == [0, 0, 1, 1]
-    assert tokenizer.convert_ids_to_tokens(tokenizer("zebra")["input_ids"]) == ["<s>", "<unk>"]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("zebra ∆")["input_ids"]) == [
+        "<s>", "z", "##e", "##b", "##r", "##a", "<unk>"]
+
+
+def test_tokenizer_spells_sign_text_and_decodes_it_back(toy):
+    tokenizer = toy["tokenizer"]
+    tokens = tokenizer.convert_ids_to_tokens(
+        tokenizer(llava15_prompt("What letter is on the sign?", ocr_tokens=["DL", "7"]))["input_ids"])
+    ocr_at = tokens.index("token") + 2
+    assert tokens[ocr_at - 4:ocr_at + 5] == ["reference", "ocr", "token", ":", "d", "##l", ",", "7", "answer"]
+    answer_ids = tokenizer(" dl", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(answer_ids) == ["d", "##l"]
+    assert tokenizer.decode(answer_ids) == "dl"
+
+
+def test_tokenizer_keeps_question_words_and_vqa_answers_whole_but_spells_sign_text(toy, tmp_path):
+    sign = toy["questions"][toy["questions"]["ocr_tokens"].map(len) > 0].iloc[:1].copy()
+    sign["ocr_tokens"], sign["majority_answer"], sign["answers"] = [["QZ"]], "qz", [["qz"] * 10]
+    questions = pd.concat([toy["questions"], sign], ignore_index=True)
+    vocabulary = set(train_demo_tokenizer(tokenizer_training_texts(questions), tmp_path / "tok").get_vocab())
+    assert {"reference", "ocr", "token", "what", "circle", "yes", "no", "red", "blue"} <= vocabulary
+    assert "qz" not in vocabulary and {"q", "##z"} <= vocabulary
 
 
 def test_tokenizer_round_trips_through_save_pretrained(toy):
@@ -281,6 +313,94 @@ def test_training_examples_mask_the_prompt_and_end_with_eos(toy):
         assert example.image_row == rows[row.image_path]
     no_ocr = build_training_examples(questions, tokenizer, 16, rows, ocr_prompt_fraction=0.0, seed=0)
     assert not any("reference" in tokenizer.decode(e.input_ids) for e in no_ocr)
+
+
+def _split_at_eos(ids, eos_id):
+    parts, current = [], []
+    for token in ids:
+        if token == eos_id:
+            parts.append(current)
+            current = []
+        else:
+            current.append(token)
+    return parts
+
+
+def test_conversations_ask_each_images_questions_in_turns(toy):
+    tokenizer, questions = toy["tokenizer"], toy["questions"]
+    rows = {p: i for i, p in enumerate(sorted(set(questions["image_path"])))}
+    examples = build_training_examples(questions, tokenizer, 16, rows, ocr_prompt_fraction=1.0, seed=0, max_turns=3)
+    per_image = questions.groupby("image_path", sort=False)["majority_answer"].apply(list)
+    expected = [(path, answers[k:k + 3]) for path, answers in per_image.items() for k in range(0, len(answers), 3)]
+    assert len(examples) == len(expected)
+    for example, (path, answers) in zip(examples, expected):
+        assert example.image_row == rows[path]
+        assert example.input_ids.count(image_token_id(tokenizer)) == 16  # the image only in the first turn
+        targets = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+        assert [tokenizer.decode(a) for a in _split_at_eos(targets, tokenizer.eos_token_id)] == answers
+        text = tokenizer.decode(example.input_ids)
+        assert text.count("assistant :") == len(answers) and text.count("a chat between") == 1
+    with pytest.raises(ValueError, match="max_turns must be >= 1"):
+        build_training_examples(questions, tokenizer, 16, rows, ocr_prompt_fraction=1.0, seed=0, max_turns=0)
+
+
+@pytest.fixture(scope="module")
+def toy_captions(toy):
+    """A caption shard in the preprocess stage's HNC schema: 'a {colour} {shape}' for each shape image."""
+    colour_questions = toy["questions"][toy["questions"]["question_type"] == "what color is the"]
+    captions = pd.DataFrame({
+        "image_path": colour_questions["image_path"],
+        "positive": [f"a {row.majority_answer} {row.question.split()[-1].rstrip('?')}"
+                     for row in colour_questions.itertuples()],
+        "negative": "unused",
+    })
+    path = toy["root"] / "captions.parquet"
+    pd.concat([captions, captions]).to_parquet(path)  # duplicates, as HNC repeats a positive per negative
+    return path
+
+
+def test_caption_examples_are_plain_format_image_then_caption(toy, toy_captions):
+    tokenizer = toy["tokenizer"]
+    captions = load_caption_tables([toy_captions])
+    assert list(captions.columns) == ["image_path", "caption"] and not captions.duplicated().any()
+    rows = {p: i for i, p in enumerate(sorted(set(captions["image_path"])))}
+    examples = caption_examples(captions, tokenizer, 16, rows)
+    for example, row in zip(examples, captions.itertuples()):
+        prompt_length = 1 + 16
+        assert example.input_ids[:prompt_length] == (tokenizer.bos_token_id, *[image_token_id(tokenizer)] * 16)
+        assert set(example.labels[:prompt_length]) == {IGNORE_INDEX}
+        assert example.labels[prompt_length:] == example.input_ids[prompt_length:]
+        assert tokenizer.decode(example.input_ids[prompt_length:], skip_special_tokens=True) == row.caption
+        assert example.image_row == rows[row.image_path]
+
+
+def test_caption_tables_name_a_missing_column(toy, tmp_path):
+    broken = tmp_path / "shard.parquet"
+    pd.DataFrame({"image_path": ["x.jpg"]}).to_parquet(broken)
+    with pytest.raises(PretrainDataError, match=r"shard.parquet lacks column\(s\) \['positive'\]"):
+        load_caption_tables([broken])
+
+
+def test_alignment_runs_before_instruction_tuning_with_the_tower_frozen(toy, toy_captions, tmp_path):
+    model = build_demo_llava(toy["tower"], toy["tokenizer"], text_hidden=32, text_heads=2)
+    tower_before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    log = tmp_path / "train_log.csv"
+    summary = pretrain_demo_llava(
+        model, toy["tokenizer"], demo_image_processor(toy["tower"].config), [toy["parquet"]],
+        steps=3, lr=3e-3, batch_size=4, seed=0, log_path=log, max_turns=2,
+        caption_parquets=[toy_captions], alignment_steps=4, alignment_batch_size=4,
+    )
+    with open(log) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["stage"], int(r["step"])) for r in rows] == (
+        [("alignment", k) for k in range(1, 5)] + [("instruction", k) for k in range(1, 4)])
+    assert summary["alignment"]["steps"] == 4 and summary["steps"] == 3
+    assert summary["alignment"]["n_captions"] == len(load_caption_tables([toy_captions]))
+    for key, value in model.model.vision_tower.state_dict().items():
+        assert torch.equal(value, tower_before[key]), f"frozen tower tensor {key} changed"
+    with pytest.raises(PretrainDataError, match="needs caption tables"):
+        pretrain_demo_llava(model, toy["tokenizer"], demo_image_processor(toy["tower"].config), [toy["parquet"]],
+                            steps=1, lr=1e-3, batch_size=2, seed=0, log_path=tmp_path / "x.csv", alignment_steps=2)
 
 
 def test_pretraining_freezes_the_tower_and_lowers_the_loss(toy, tmp_path):

@@ -45,7 +45,7 @@ def micro_config() -> dict:
     config["finetune"].update(grid={"alpha": [0.0, 2.0], "tau": [0.05], "seed": [0]}, steps=12, batch_size=16,
                               warmup_steps=2, val_every=6, val_pairs=40, checkpoint_every=4)
     config["evaluate"].update(n_boot=200, drift_images=20)
-    config["llava"].update(pretrain_steps=10, max_new_tokens=4)
+    config["llava"].update(align_steps=5, align_batch_size=8, pretrain_steps=10, max_new_tokens=4)
     return config
 
 

@@ -136,6 +136,25 @@ def test_rerunning_one_cell_touches_no_other_cell(micro_run):
     assert "Nothing to be done" in run_snakemake("-n", *args).stdout + run_snakemake("-n", *args).stderr
 
 
+@pytest.mark.slow
+def test_editing_llava_settings_reruns_only_the_llava_stages(micro_run):
+    workdir, args, _ = micro_run
+    config = micro_config()
+    config["llava"]["pretrain_steps"] += 1
+    edited = workdir / "edited.yaml"
+    edited.write_text(yaml.safe_dump(config))
+    edited_args = [arg if arg != str(workdir / "micro.yaml") else str(edited) for arg in args]
+    counts = job_counts(run_snakemake("-n", *edited_args).stdout)
+    models = 3  # baseline and the two micro cells
+    assert {rule: counts.get(rule, 0) for rule in ("pretrain_llava", "export", "finetune", "evaluate_encoder")} == {
+        "pretrain_llava": 1, "export": models, "finetune": 0, "evaluate_encoder": 0}
+    config["llava"]["pretrain_steps"] -= 1
+    config["llava"]["batch_size"] += 1  # inference only: the demo LLaVA stays, its answers are redone
+    edited.write_text(yaml.safe_dump(config))
+    counts = job_counts(run_snakemake("-n", *edited_args).stdout)
+    assert counts.get("pretrain_llava", 0) == 0 and counts.get("export", 0) == 0 and counts["vqa"] == models * 2
+
+
 # --config swallows every word after it: it goes last
 REGENERATE = ["--rerun-triggers", "mtime", "--config", "report={from_existing: true}"]
 

@@ -1,8 +1,14 @@
-"""Train the demo LLaVA's projector and language model on synthetic VQA, with the vision tower frozen.
+"""Train the demo LLaVA's projector and language model on synthetic data, with the vision tower frozen.
 
-LLaVA-1.5 trains projector + LLM on top of a frozen CLIP tower; the demo does the same in miniature, so
-that swapping a fine-tuned tower in later measures what the tower contributes. Each training example is the
-LLaVA-1.5 evaluation prompt followed by the majority answer and ``</s>``; the loss is on those answer tokens only.
+Two stages, as LLaVA-1.5 trains (tower frozen throughout):
+
+1. *Alignment* on image-caption pairs in LLaVA's ``plain`` format (the image tokens, then the caption). The
+   demo's captions are the HNC training positives of the synthetic GQA images. LLaVA-1.5 trains only the
+   projector here because its Vicuna is already a language model; the demo's tiny Llama starts from scratch,
+   so it trains too.
+2. *Instruction tuning* on the VQA training questions with the LLaVA-1.5 evaluation prompt. As in LLaVA-1.5's
+   data mix, an image's questions form one multi-turn conversation (only the first turn carries the image);
+   the loss is on the answers and their ``</s>`` only.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase,
 
 from hnclip.io import atomic_path
 from hnclip.llava.prompt import (
+    IMAGE_TOKEN,
+    OCR_LINE_PREFIX,
     expand_image_tokens,
+    llava15_followup_turn,
     llava15_prompt,
     num_image_tokens,
     pad_colour_from_mean,
@@ -35,8 +44,9 @@ from hnclip.llava.prompt import (
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value HF's causal-LM loss skips
-LOG_COLUMNS = ("step", "loss", "lr", "answer_tokens", "seconds")
+LOG_COLUMNS = ("stage", "step", "loss", "lr", "answer_tokens", "seconds")
 REQUIRED_COLUMNS = ("question_id", "image_path", "question", "majority_answer", "ocr_tokens")
+CAPTION_COLUMNS = ("image_path", "positive")  # the preprocess stage's HNC shards
 
 
 class PretrainDataError(ValueError):
@@ -45,7 +55,8 @@ class PretrainDataError(ValueError):
 
 @dataclass(frozen=True)
 class TrainingExample:
-    """One tokenised question: prompt + answer ids, labels masking the prompt, and its image's row in the pixel table."""
+    """One tokenised sequence (a caption, or a conversation of questions about one image): ids, labels that mask
+    everything but the targets, and its image's row in the pixel table."""
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
@@ -66,18 +77,34 @@ def load_question_tables(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True)
 
 
+def load_caption_tables(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """The distinct (image_path, caption) pairs of preprocess-stage HNC shards (their ``positive`` captions)."""
+    tables = []
+    for path in paths:
+        table = pd.read_parquet(path, columns=None)
+        missing = [c for c in CAPTION_COLUMNS if c not in table.columns]
+        if missing:
+            raise PretrainDataError(f"{path} lacks column(s) {missing}")
+        tables.append(table[list(CAPTION_COLUMNS)])
+    if not tables:
+        raise PretrainDataError("no caption tables given")
+    captions = pd.concat(tables, ignore_index=True).drop_duplicates(ignore_index=True)
+    return captions.rename(columns={"positive": "caption"})
+
+
 def _ocr_list(value) -> list[str]:
     return [] if value is None else [str(token) for token in value]
 
 
 def tokenizer_training_texts(questions: pd.DataFrame) -> Iterator[str]:
-    """Every text the demo tokenizer must know: each prompt (with and without OCR line) and every answer."""
+    """The words the demo tokenizer keeps whole: the prompts (OCR line prefix included) and the answers,
+    except what is read off a sign (OCR tokens, answers to OCR-bearing questions), which it spells."""
+    yield OCR_LINE_PREFIX
     for row in questions.itertuples(index=False):
-        ocr = _ocr_list(row.ocr_tokens)
-        yield llava15_prompt(row.question, ocr_tokens=ocr or None)
         yield llava15_prompt(row.question)
-        yield from (str(answer) for answer in getattr(row, "answers", [row.majority_answer]))
-        yield str(row.majority_answer)
+        if not _ocr_list(row.ocr_tokens):
+            yield from (str(answer) for answer in getattr(row, "answers", [row.majority_answer]))
+            yield str(row.majority_answer)
 
 
 def load_pixel_table(
@@ -102,6 +129,32 @@ def _answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
     return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def caption_examples(
+    captions: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, image_tokens: int, image_rows: dict[str, int]
+) -> list[TrainingExample]:
+    """Alignment examples in LLaVA's ``plain`` format: ``<s>``, the image tokens, then caption + ``</s>`` as target."""
+    prompt_ids = tokenizer(expand_image_tokens(IMAGE_TOKEN, image_tokens))["input_ids"]
+    examples = []
+    for row in captions.itertuples(index=False):
+        target = tokenizer(str(row.caption), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append(TrainingExample(
+            input_ids=tuple(prompt_ids + target),
+            labels=tuple([IGNORE_INDEX] * len(prompt_ids) + target),
+            image_row=image_rows[str(row.image_path)],
+        ))
+    return examples
+
+
+def _conversations(questions: pd.DataFrame, max_turns: int) -> Iterator[list]:
+    """Each image's questions in table order, cut into conversations of at most ``max_turns`` questions."""
+    by_image: dict[str, list] = {}
+    for row in questions.itertuples(index=False):
+        by_image.setdefault(str(row.image_path), []).append(row)
+    for rows in by_image.values():
+        for start in range(0, len(rows), max_turns):
+            yield rows[start:start + max_turns]
+
+
 def build_training_examples(
     questions: pd.DataFrame,
     tokenizer: PreTrainedTokenizerBase,
@@ -110,25 +163,32 @@ def build_training_examples(
     *,
     ocr_prompt_fraction: float,
     seed: int,
+    max_turns: int = 1,
 ) -> list[TrainingExample]:
-    """Tokenise each question's prompt and majority answer; OCR-bearing questions get the OCR line at random.
+    """Tokenise each image's questions as conversations of up to ``max_turns`` turns, answers as targets.
 
-    Training on both prompt variants keeps the OCR line in distribution, so the demo can be evaluated on
-    TextVQA with and without it, like LLaVA-1.5.
+    The first turn is the full evaluation prompt (system line, image, question); later turns follow the
+    previous answer's ``</s>``. OCR-bearing questions get the OCR line with probability ``ocr_prompt_fraction``:
+    training on both prompt variants keeps either in distribution, so TextVQA can be evaluated with or without it.
     """
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be >= 1, got {max_turns}")
     rng = random.Random(seed)
     examples = []
-    for row in questions.itertuples(index=False):
-        ocr = _ocr_list(row.ocr_tokens)
-        use_ocr = bool(ocr) and rng.random() < ocr_prompt_fraction
-        prompt = expand_image_tokens(llava15_prompt(row.question, ocr_tokens=ocr if use_ocr else None), image_tokens)
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        answer_ids = _answer_ids(tokenizer, str(row.majority_answer))
-        examples.append(TrainingExample(
-            input_ids=tuple(prompt_ids + answer_ids),
-            labels=tuple([IGNORE_INDEX] * len(prompt_ids) + answer_ids),
-            image_row=image_rows[str(row.image_path)],
-        ))
+    for conversation in _conversations(questions, max_turns):
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for turn, row in enumerate(conversation):
+            ocr = _ocr_list(row.ocr_tokens)
+            ocr = ocr if ocr and rng.random() < ocr_prompt_fraction else None
+            if turn == 0:
+                prompt_ids = tokenizer(expand_image_tokens(llava15_prompt(row.question, ocr_tokens=ocr), image_tokens))
+            else:
+                prompt_ids = tokenizer(llava15_followup_turn(row.question, ocr_tokens=ocr), add_special_tokens=False)
+            answer_ids = _answer_ids(tokenizer, str(row.majority_answer))
+            input_ids += prompt_ids["input_ids"] + answer_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids["input_ids"]) + answer_ids
+        examples.append(TrainingExample(tuple(input_ids), tuple(labels), image_rows[str(conversation[0].image_path)]))
     return examples
 
 
@@ -150,7 +210,7 @@ def collate_examples(examples: Sequence[TrainingExample], pixel_table: torch.Ten
 def _batches_forever(n_examples: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
     """Shuffled epochs; a short last batch is dropped, so every step sees ``batch_size`` examples."""
     if n_examples < batch_size:
-        raise PretrainDataError(f"{n_examples} training questions is fewer than one batch of {batch_size}")
+        raise PretrainDataError(f"{n_examples} training sequences is fewer than one batch of {batch_size}")
     while True:
         order = torch.randperm(n_examples, generator=generator).tolist()
         for start in range(0, n_examples - batch_size + 1, batch_size):
@@ -175,6 +235,55 @@ def _training_step(model, optimizer, scheduler, batch, max_grad_norm: float) -> 
     return float(loss.detach())
 
 
+@dataclass(frozen=True)
+class StageSettings:
+    """One training stage's optimisation: AdamW, linear warm-up (default 5 % of ``steps``), cosine decay."""
+
+    name: str
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+def _train_stage(model, examples, pixel_table, pad_id: int, settings: StageSettings, writer) -> dict:
+    """Train ``model``'s trainable parameters on ``examples``; one log row per step. Returns the stage summary."""
+    device = next(model.parameters()).device
+    pixel_table = pixel_table.to(device=device, dtype=next(model.parameters()).dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    warmup = max(1, settings.steps // 20) if settings.warmup_steps is None else settings.warmup_steps
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, settings.steps)
+    batches = _batches_forever(len(examples), settings.batch_size, torch.Generator().manual_seed(settings.seed))
+    losses: list[float] = []
+    started = time.perf_counter()
+    for step in tqdm(range(1, settings.steps + 1), desc=f"demo llava: {settings.name}", unit="step"):
+        batch = collate_examples([examples[i] for i in next(batches)], pixel_table, pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        current_lr = scheduler.get_last_lr()[0]
+        losses.append(_training_step(model, optimizer, scheduler, batch, settings.max_grad_norm))
+        target_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+        writer.writerow([settings.name, step, f"{losses[-1]:.6f}", f"{current_lr:.6g}", target_tokens,
+                         f"{time.perf_counter() - started:.3f}"])
+    tail = losses[-min(len(losses), 20):]
+    return {
+        "steps": settings.steps,
+        "batch_size": settings.batch_size,
+        "lr": settings.lr,
+        "first_loss": losses[0] if losses else math.nan,
+        "final_loss": sum(tail) / len(tail) if tail else math.nan,
+        "seconds": time.perf_counter() - started,
+        "n_sequences": len(examples),
+    }
+
+
+def _image_rows(image_paths: Sequence[str]) -> dict[str, int]:
+    return {path: row for row, path in enumerate(image_paths)}
+
+
 def pretrain_demo_llava(
     model: LlavaForConditionalGeneration,
     tokenizer: PreTrainedTokenizerBase,
@@ -190,67 +299,73 @@ def pretrain_demo_llava(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     ocr_prompt_fraction: float = 0.5,
+    max_turns: int = 1,
+    caption_parquets: Sequence[str | os.PathLike] = (),
+    alignment_steps: int = 0,
+    alignment_batch_size: int = 32,
+    alignment_lr: float | None = None,
     pad_colour: tuple[int, int, int] | None = None,
 ) -> dict:
-    """Train projector + language model in place on the questions of ``train_parquets``; the tower stays frozen.
+    """Train projector + language model in place; the tower stays frozen.
 
-    fp32 on the model's device, AdamW with linear warm-up (default 5 % of ``steps``) then cosine decay,
-    loss on answer tokens only. Writes a per-step CSV to ``log_path`` (atomically, at the end) and returns a
-    summary: steps, final loss, seconds, question/image counts, trainable parameters.
+    With ``alignment_steps`` > 0, first the alignment stage on the captions of ``caption_parquets`` (learning
+    rate ``alignment_lr``, default ``lr``), then instruction tuning on the questions of ``train_parquets``
+    (conversations of up to ``max_turns`` questions per image). fp32 on the model's device. Writes a per-step
+    CSV to ``log_path`` (atomically, at the end) and returns a summary: the instruction stage's figures at the
+    top level (steps, losses, seconds, question/image counts, trainable parameters), the alignment stage's
+    under ``"alignment"``.
     """
+    if alignment_steps and not caption_parquets:
+        raise PretrainDataError("alignment_steps > 0 needs caption tables (caption_parquets)")
     torch.manual_seed(seed)
     questions = load_question_tables(train_parquets)
     background = tuple(pad_colour) if pad_colour is not None else pad_colour_from_mean(image_processor.image_mean)
-    image_paths = sorted(set(questions["image_path"].astype(str)))
-    pixel_table = load_pixel_table(image_paths, image_processor, background)
     image_tokens = num_image_tokens(model.config.vision_config, model.config.vision_feature_select_strategy)
-    examples = build_training_examples(
-        questions, tokenizer, image_tokens, {p: i for i, p in enumerate(image_paths)},
-        ocr_prompt_fraction=ocr_prompt_fraction, seed=seed,
-    )
-    device = next(model.parameters()).device
-    pixel_table = pixel_table.to(device=device, dtype=next(model.parameters()).dtype)
-
     model.train()
     freeze_vision_tower(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 20) if warmup_steps is None else warmup_steps
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
-    batches = _batches_forever(len(examples), batch_size, torch.Generator().manual_seed(seed))
-
-    losses: list[float] = []
+    summary: dict = {}
     started = time.perf_counter()
     with atomic_path(log_path) as tmp_log, open(tmp_log, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(LOG_COLUMNS)
-        for step in tqdm(range(1, steps + 1), desc="pretrain demo llava", unit="step"):
-            batch = {k: v.to(device) for k, v in collate_examples([examples[i] for i in next(batches)], pixel_table,
-                                                                   tokenizer.pad_token_id).items()}
-            current_lr = scheduler.get_last_lr()[0]
-            losses.append(_training_step(model, optimizer, scheduler, batch, max_grad_norm))
-            answer_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
-            writer.writerow([step, f"{losses[-1]:.6f}", f"{current_lr:.6g}", answer_tokens,
-                             f"{time.perf_counter() - started:.3f}"])
+        if alignment_steps:
+            captions = load_caption_tables(caption_parquets)
+            caption_images = sorted(set(captions["image_path"].astype(str)))
+            examples = caption_examples(captions, tokenizer, image_tokens, _image_rows(caption_images))
+            pixels = load_pixel_table(caption_images, image_processor, background)
+            alignment = StageSettings("alignment", alignment_steps, alignment_lr or lr, alignment_batch_size, seed,
+                                      weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+            summary["alignment"] = {**_train_stage(model, examples, pixels, tokenizer.pad_token_id, alignment, writer),
+                                    "n_captions": len(captions), "n_images": len(caption_images)}
+            del pixels
+        image_paths = sorted(set(questions["image_path"].astype(str)))
+        examples = build_training_examples(questions, tokenizer, image_tokens, _image_rows(image_paths),
+                                           ocr_prompt_fraction=ocr_prompt_fraction, seed=seed, max_turns=max_turns)
+        pixels = load_pixel_table(image_paths, image_processor, background)
+        instruction = StageSettings("instruction", steps, lr, batch_size, seed, warmup_steps, weight_decay,
+                                    max_grad_norm)
+        summary.update(_train_stage(model, examples, pixels, tokenizer.pad_token_id, instruction, writer))
         handle.flush()
     model.eval()
-    tail = losses[-min(len(losses), 20):]
     return {
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
+        **summary,
         "seed": seed,
-        "final_loss": sum(tail) / len(tail) if tail else math.nan,
-        "first_loss": losses[0] if losses else math.nan,
+        "max_turns": max_turns,
+        "ocr_prompt_fraction": ocr_prompt_fraction,
         "seconds": time.perf_counter() - started,
-        "n_questions": len(examples),
+        "n_questions": len(questions),
         "n_images": len(image_paths),
-        "trainable_parameters": sum(p.numel() for p in trainable),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "frozen_tower_parameters": sum(p.numel() for p in model.model.vision_tower.parameters()),
         "pad_colour": list(background),
     }
 
 
-def demo_tokenizer_texts(train_parquets: Iterable[str | os.PathLike]) -> Iterator[str]:
-    """The tokenizer corpus for the demo LLaVA: prompts and answers of the given question tables."""
-    return tokenizer_training_texts(load_question_tables(list(train_parquets)))
+def demo_tokenizer_texts(
+    train_parquets: Iterable[str | os.PathLike], caption_parquets: Iterable[str | os.PathLike] = ()
+) -> Iterator[str]:
+    """The tokenizer corpus for the demo LLaVA: prompts and answers of the question tables, and the captions."""
+    yield from tokenizer_training_texts(load_question_tables(list(train_parquets)))
+    caption_parquets = list(caption_parquets)
+    if caption_parquets:
+        yield from load_caption_tables(caption_parquets)["caption"]

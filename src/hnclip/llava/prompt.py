@@ -33,9 +33,10 @@ PROMPT_VARIANT = "llava15_vicuna_v1_short_answer"
 PROMPT_VARIANT_OCR = "llava15_vicuna_v1_short_answer_ocr"
 
 
-def llava15_user_message(question: str, *, ocr_tokens: Sequence[str] | None = None) -> str:
-    """The user turn: ``<image>``, the question, the optional OCR line and the short-answer instruction."""
-    lines = [IMAGE_TOKEN, question.strip()]
+def llava15_user_message(question: str, *, ocr_tokens: Sequence[str] | None = None, with_image: bool = True) -> str:
+    """The user turn: ``<image>`` (first turn only), the question, the optional OCR line, the short-answer instruction."""
+    lines = [IMAGE_TOKEN] if with_image else []
+    lines.append(question.strip())
     if ocr_tokens:
         lines.append(OCR_LINE_PREFIX + ", ".join(str(token) for token in ocr_tokens))
     lines.append(SHORT_ANSWER_INSTRUCTION)
@@ -50,6 +51,17 @@ def llava15_prompt(question: str, *, ocr_tokens: Sequence[str] | None = None) ->
     if not question or not question.strip():
         raise ValueError("empty question: a LLaVA prompt needs question text")
     return f"{SYSTEM_PROMPT} USER: {llava15_user_message(question, ocr_tokens=ocr_tokens)} ASSISTANT:"
+
+
+def llava15_followup_turn(question: str, *, ocr_tokens: Sequence[str] | None = None) -> str:
+    """A later turn of a training conversation about the same image, to follow the previous answer's ``</s>``.
+
+    LLaVA-1.5's instruction data asks all of an image's VQA questions in one multi-turn conversation; only
+    the first turn carries ``<image>`` and the system line (``vicuna_v1``: ``sep2="</s>"`` then ``USER: ...``).
+    """
+    if not question or not question.strip():
+        raise ValueError("empty question: a LLaVA prompt needs question text")
+    return f"USER: {llava15_user_message(question, ocr_tokens=ocr_tokens, with_image=False)} ASSISTANT:"
 
 
 def prompt_variant(use_ocr: bool) -> str:

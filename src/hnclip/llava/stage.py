@@ -19,21 +19,28 @@ log = logging.getLogger(__name__)
 
 
 def pretrain_llava(
-    *, baseline_weights, model_name: str, train_questions: Sequence, vocabulary_questions: Sequence, out_dir,
-    log_path, steps: int, batch_size: int, lr: float, seed: int, config: dict | None = None,
+    *, baseline_weights, model_name: str, train_questions: Sequence, vocabulary_questions: Sequence,
+    captions: Sequence, out_dir, log_path, settings: dict, seed: int, config: dict | None = None,
 ) -> None:
     """The demo LLaVA: the baseline tower (frozen), a tokenizer of the synthetic vocabulary, a tiny Llama and a
-    projector trained on the synthetic VQA/TextVQA train questions, as LLaVA-1.5 trains with its tower frozen."""
+    projector trained as LLaVA-1.5 trains: alignment on the HNC training captions, then the synthetic VQA/TextVQA
+    train questions. ``settings`` is the config's ``llava`` section."""
     clip, _, _ = load_clip(model_name, baseline_weights)
     tower = to_hf_vision_model(clip)
     work = Path(log_path).with_suffix(".tokenizer")
-    tokenizer = train_demo_tokenizer(demo_tokenizer_texts([*train_questions, *vocabulary_questions]), work)
+    texts = demo_tokenizer_texts([*train_questions, *vocabulary_questions], captions)
+    tokenizer = train_demo_tokenizer(texts, work)
     model = build_demo_llava(tower, tokenizer, seed=seed)
     mean, std = clip.visual.preprocess_cfg["mean"], clip.visual.preprocess_cfg["std"]
     processor = demo_image_processor(tower.config, image_mean=mean, image_std=std)
     model.to(default_device())
-    summary = pretrain_demo_llava(model, tokenizer, processor, list(train_questions), steps=steps, lr=lr,
-                                  batch_size=batch_size, seed=seed, log_path=log_path)
+    summary = pretrain_demo_llava(
+        model, tokenizer, processor, list(train_questions), steps=settings["pretrain_steps"],
+        lr=settings["pretrain_lr"], batch_size=settings["pretrain_batch_size"], seed=seed, log_path=log_path,
+        max_turns=settings["pretrain_max_turns"], ocr_prompt_fraction=settings["pretrain_ocr_fraction"],
+        caption_parquets=list(captions), alignment_steps=settings["align_steps"],
+        alignment_batch_size=settings["align_batch_size"], alignment_lr=settings["align_lr"],
+    )
     log.info("demo LLaVA trained: %s", summary)
     save_demo_llava(model.cpu(), tokenizer, processor, out_dir,
                     extra={"training": summary, "provenance": provenance(config, seed=seed,
