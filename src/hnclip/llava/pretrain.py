@@ -81,7 +81,7 @@ def load_caption_tables(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     """The distinct (image_path, caption) pairs of preprocess-stage HNC shards (their ``positive`` captions)."""
     tables = []
     for path in paths:
-        table = pd.read_parquet(path, columns=None)
+        table = pd.read_parquet(path)
         missing = [c for c in CAPTION_COLUMNS if c not in table.columns]
         if missing:
             raise PretrainDataError(f"{path} lacks column(s) {missing}")
