@@ -63,33 +63,29 @@ class TrainingExample:
     image_row: int
 
 
-def load_question_tables(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """Concatenate preprocess-stage question Parquets, checking the columns training needs."""
+def _read_tables(paths: Sequence[str | os.PathLike], columns: Sequence[str], what: str) -> pd.DataFrame:
+    """Concatenate Parquet files, naming the file that lacks one of ``columns``."""
     tables = []
     for path in paths:
         table = pd.read_parquet(path)
-        missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+        missing = [c for c in columns if c not in table.columns]
         if missing:
             raise PretrainDataError(f"{path} lacks column(s) {missing}")
         tables.append(table)
     if not tables:
-        raise PretrainDataError("no training question tables given")
+        raise PretrainDataError(f"no {what} tables given")
     return pd.concat(tables, ignore_index=True)
+
+
+def load_question_tables(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """Concatenate preprocess-stage question Parquets, checking the columns training needs."""
+    return _read_tables(paths, REQUIRED_COLUMNS, "training question")
 
 
 def load_caption_tables(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     """The distinct (image_path, caption) pairs of preprocess-stage HNC shards (their ``positive`` captions)."""
-    tables = []
-    for path in paths:
-        table = pd.read_parquet(path)
-        missing = [c for c in CAPTION_COLUMNS if c not in table.columns]
-        if missing:
-            raise PretrainDataError(f"{path} lacks column(s) {missing}")
-        tables.append(table[list(CAPTION_COLUMNS)])
-    if not tables:
-        raise PretrainDataError("no caption tables given")
-    captions = pd.concat(tables, ignore_index=True).drop_duplicates(ignore_index=True)
-    return captions.rename(columns={"positive": "caption"})
+    captions = _read_tables(paths, CAPTION_COLUMNS, "caption")[list(CAPTION_COLUMNS)]
+    return captions.drop_duplicates(ignore_index=True).rename(columns={"positive": "caption"})
 
 
 def _ocr_list(value) -> list[str]:
