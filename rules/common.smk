@@ -193,13 +193,21 @@ def finetune_settings(wildcards):
     )
 
 
+LLAVA_TRAINING_KEYS = (
+    "align_steps",
+    "align_batch_size",
+    "align_lr",
+    "pretrain_steps",
+    "pretrain_batch_size",
+    "pretrain_lr",
+    "pretrain_max_turns",
+    "pretrain_ocr_fraction",
+)
+
+
 def llava_training_settings():
     """The demo LLaVA's training keys only: changing an inference setting must not retrain it."""
-    return {
-        key: value
-        for key, value in config["llava"].items()
-        if key.startswith(("align_", "pretrain_"))
-    }
+    return {key: config["llava"][key] for key in LLAVA_TRAINING_KEYS}
 
 
 def pretrain_settings():

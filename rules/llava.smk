@@ -8,9 +8,6 @@ if IS_DEMO:
                 "results/data/vqa/{dataset}/train_questions.parquet",
                 dataset=VQA_DATASETS,
             ),
-            vocabulary=expand(
-                "results/data/vqa/{dataset}/questions.parquet", dataset=VQA_DATASETS
-            ),
             captions=hnc_shards("train"),
         output:
             directory(LLAVA_BASE),

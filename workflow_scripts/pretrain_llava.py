@@ -8,7 +8,6 @@ def main(smk):
         baseline_weights=smk.input.baseline,
         model_name=smk.params.model_name,
         train_questions=list(smk.input.train),
-        vocabulary_questions=list(smk.input.vocabulary),
         captions=list(smk.input.captions),
         out_dir=smk.output[0],
         log_path=smk.params.train_log,

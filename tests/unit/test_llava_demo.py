@@ -176,12 +176,13 @@ def test_tokenizer_spells_sign_text_and_decodes_it_back(toy):
 
 
 def test_tokenizer_keeps_question_words_and_vqa_answers_whole_but_spells_sign_text(toy, tmp_path):
-    sign = toy["questions"][toy["questions"]["ocr_tokens"].map(len) > 0].iloc[:1].copy()
-    sign["ocr_tokens"], sign["majority_answer"], sign["answers"] = [["QZ"]], "qz", [["qz"] * 10]
-    questions = pd.concat([toy["questions"], sign], ignore_index=True)
+    signs = toy["questions"][toy["questions"]["dataset"] == "textvqa"].iloc[:2].copy()
+    signs["ocr_tokens"] = [["QZ"], []]  # the second sign's word was missed by the OCR
+    signs["majority_answer"], signs["answers"] = ["qz", "jw"], [["qz"] * 10, ["jw"] * 10]
+    questions = pd.concat([toy["questions"], signs], ignore_index=True)
     vocabulary = set(train_demo_tokenizer(tokenizer_training_texts(questions), tmp_path / "tok").get_vocab())
     assert {"reference", "ocr", "token", "what", "circle", "yes", "no", "red", "blue"} <= vocabulary
-    assert "qz" not in vocabulary and {"q", "##z"} <= vocabulary
+    assert not {"qz", "jw"} & vocabulary and {"q", "##z", "j", "##w"} <= vocabulary
 
 
 def test_tokenizer_round_trips_through_save_pretrained(toy):
@@ -336,6 +337,7 @@ def test_conversations_ask_each_images_questions_in_turns(toy):
     for example, (path, answers) in zip(examples, expected):
         assert example.image_row == rows[path]
         assert example.input_ids.count(image_token_id(tokenizer)) == 16  # the image only in the first turn
+        assert example.input_ids.count(tokenizer.bos_token_id) == 1
         targets = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
         assert [tokenizer.decode(a) for a in _split_at_eos(targets, tokenizer.eos_token_id)] == answers
         text = tokenizer.decode(example.input_ids)
@@ -365,6 +367,7 @@ def test_caption_examples_are_plain_format_image_then_caption(toy, toy_captions)
     assert list(captions.columns) == ["image_path", "caption"] and not captions.duplicated().any()
     rows = {p: i for i, p in enumerate(sorted(set(captions["image_path"])))}
     examples = caption_examples(captions, tokenizer, 16, rows)
+    assert len(examples) == len(captions) > 0
     for example, row in zip(examples, captions.itertuples()):
         prompt_length = 1 + 16
         assert example.input_ids[:prompt_length] == (tokenizer.bos_token_id, *[image_token_id(tokenizer)] * 16)

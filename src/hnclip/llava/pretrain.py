@@ -44,13 +44,14 @@ from hnclip.llava.prompt import (
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value HF's causal-LM loss skips
-LOG_COLUMNS = ("stage", "step", "loss", "lr", "answer_tokens", "seconds")
-REQUIRED_COLUMNS = ("question_id", "image_path", "question", "majority_answer", "ocr_tokens")
+LOG_COLUMNS = ("stage", "step", "loss", "lr", "target_tokens", "seconds")
+REQUIRED_COLUMNS = ("dataset", "question_id", "image_path", "question", "majority_answer", "ocr_tokens")
+READING_DATASETS = ("textvqa",)  # datasets whose answers are read off the image: spelled, never words
 CAPTION_COLUMNS = ("image_path", "positive")  # the preprocess stage's HNC shards
 
 
 class PretrainDataError(ValueError):
-    """A training question table lacks what the demo LLaVA needs."""
+    """The demo LLaVA's training data (question tables, caption shards, batch sizes) is unusable."""
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,11 @@ def _ocr_list(value) -> list[str]:
 
 def tokenizer_training_texts(questions: pd.DataFrame) -> Iterator[str]:
     """The words the demo tokenizer keeps whole: the prompts (OCR line prefix included) and the answers,
-    except what is read off a sign (OCR tokens, answers to OCR-bearing questions), which it spells."""
+    except what is read off a sign (OCR tokens, every TextVQA answer, even where the OCR missed), which it spells."""
     yield OCR_LINE_PREFIX
     for row in questions.itertuples(index=False):
         yield llava15_prompt(row.question)
-        if not _ocr_list(row.ocr_tokens):
+        if row.dataset not in READING_DATASETS:
             yield from (str(answer) for answer in getattr(row, "answers", [row.majority_answer]))
             yield str(row.majority_answer)
 
@@ -128,7 +129,10 @@ def _answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
 def caption_examples(
     captions: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, image_tokens: int, image_rows: dict[str, int]
 ) -> list[TrainingExample]:
-    """Alignment examples in LLaVA's ``plain`` format: ``<s>``, the image tokens, then caption + ``</s>`` as target."""
+    """Alignment examples after LLaVA's ``plain`` format: ``<s>``, the image tokens, then the caption as target.
+
+    LLaVA ends the caption with its ``"\\n"`` separator; the demo ends it with ``</s>``, the token its answers end with.
+    """
     prompt_ids = tokenizer(expand_image_tokens(IMAGE_TOKEN, image_tokens))["input_ids"]
     examples = []
     for row in captions.itertuples(index=False):
@@ -203,10 +207,11 @@ def collate_examples(examples: Sequence[TrainingExample], pixel_table: torch.Ten
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
 
 
-def _batches_forever(n_examples: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+def _batches_forever(n_examples: int, batch_size: int, generator: torch.Generator, stage: str) -> Iterator[list[int]]:
     """Shuffled epochs; a short last batch is dropped, so every step sees ``batch_size`` examples."""
     if n_examples < batch_size:
-        raise PretrainDataError(f"{n_examples} training sequences is fewer than one batch of {batch_size}")
+        raise PretrainDataError(f"{stage} stage: {n_examples} training sequences is fewer than one batch of "
+                                f"{batch_size} (llava.{STAGE_BATCH_KEYS[stage]})")
     while True:
         order = torch.randperm(n_examples, generator=generator).tolist()
         for start in range(0, n_examples - batch_size + 1, batch_size):
@@ -231,6 +236,9 @@ def _training_step(model, optimizer, scheduler, batch, max_grad_norm: float) -> 
     return float(loss.detach())
 
 
+STAGE_BATCH_KEYS = {"alignment": "align_batch_size", "instruction": "pretrain_batch_size"}
+
+
 @dataclass(frozen=True)
 class StageSettings:
     """One training stage's optimisation: AdamW, linear warm-up (default 5 % of ``steps``), cosine decay."""
@@ -253,7 +261,8 @@ def _train_stage(model, examples, pixel_table, pad_id: int, settings: StageSetti
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     warmup = max(1, settings.steps // 20) if settings.warmup_steps is None else settings.warmup_steps
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, settings.steps)
-    batches = _batches_forever(len(examples), settings.batch_size, torch.Generator().manual_seed(settings.seed))
+    batches = _batches_forever(len(examples), settings.batch_size, torch.Generator().manual_seed(settings.seed),
+                               settings.name)
     losses: list[float] = []
     started = time.perf_counter()
     for step in tqdm(range(1, settings.steps + 1), desc=f"demo llava: {settings.name}", unit="step"):
@@ -280,6 +289,16 @@ def _image_rows(image_paths: Sequence[str]) -> dict[str, int]:
     return {path: row for row, path in enumerate(image_paths)}
 
 
+def _alignment_stage(model, tokenizer, image_processor, caption_parquets, background, image_tokens: int,
+                     settings: StageSettings, writer) -> dict:
+    captions = load_caption_tables(caption_parquets)
+    caption_images = sorted(set(captions["image_path"].astype(str)))
+    examples = caption_examples(captions, tokenizer, image_tokens, _image_rows(caption_images))
+    pixels = load_pixel_table(caption_images, image_processor, background)
+    return {**_train_stage(model, examples, pixels, tokenizer.pad_token_id, settings, writer),
+            "n_captions": len(captions), "n_images": len(caption_images)}
+
+
 def pretrain_demo_llava(
     model: LlavaForConditionalGeneration,
     tokenizer: PreTrainedTokenizerBase,
@@ -294,7 +313,7 @@ def pretrain_demo_llava(
     warmup_steps: int | None = None,
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
-    ocr_prompt_fraction: float = 0.5,
+    ocr_prompt_fraction: float = 1.0,
     max_turns: int = 1,
     caption_parquets: Sequence[str | os.PathLike] = (),
     alignment_steps: int = 0,
@@ -309,7 +328,7 @@ def pretrain_demo_llava(
     (conversations of up to ``max_turns`` questions per image). fp32 on the model's device. Writes a per-step
     CSV to ``log_path`` (atomically, at the end) and returns a summary: the instruction stage's figures at the
     top level (steps, losses, seconds, question/image counts, trainable parameters), the alignment stage's
-    under ``"alignment"``.
+    under ``"alignment"``, and ``total_seconds`` (both stages and data preparation).
     """
     if alignment_steps and not caption_parquets:
         raise PretrainDataError("alignment_steps > 0 needs caption tables (caption_parquets)")
@@ -325,15 +344,10 @@ def pretrain_demo_llava(
         writer = csv.writer(handle)
         writer.writerow(LOG_COLUMNS)
         if alignment_steps:
-            captions = load_caption_tables(caption_parquets)
-            caption_images = sorted(set(captions["image_path"].astype(str)))
-            examples = caption_examples(captions, tokenizer, image_tokens, _image_rows(caption_images))
-            pixels = load_pixel_table(caption_images, image_processor, background)
             alignment = StageSettings("alignment", alignment_steps, alignment_lr or lr, alignment_batch_size, seed,
                                       weight_decay=weight_decay, max_grad_norm=max_grad_norm)
-            summary["alignment"] = {**_train_stage(model, examples, pixels, tokenizer.pad_token_id, alignment, writer),
-                                    "n_captions": len(captions), "n_images": len(caption_images)}
-            del pixels
+            summary["alignment"] = _alignment_stage(model, tokenizer, image_processor, caption_parquets, background,
+                                                    image_tokens, alignment, writer)
         image_paths = sorted(set(questions["image_path"].astype(str)))
         examples = build_training_examples(questions, tokenizer, image_tokens, _image_rows(image_paths),
                                            ocr_prompt_fraction=ocr_prompt_fraction, seed=seed, max_turns=max_turns)
@@ -348,7 +362,7 @@ def pretrain_demo_llava(
         "seed": seed,
         "max_turns": max_turns,
         "ocr_prompt_fraction": ocr_prompt_fraction,
-        "seconds": time.perf_counter() - started,
+        "total_seconds": time.perf_counter() - started,
         "n_questions": len(questions),
         "n_images": len(image_paths),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),

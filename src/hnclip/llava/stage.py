@@ -19,16 +19,16 @@ log = logging.getLogger(__name__)
 
 
 def pretrain_llava(
-    *, baseline_weights, model_name: str, train_questions: Sequence, vocabulary_questions: Sequence,
-    captions: Sequence, out_dir, log_path, settings: dict, seed: int, config: dict | None = None,
+    *, baseline_weights, model_name: str, train_questions: Sequence, captions: Sequence, out_dir, log_path,
+    settings: dict, seed: int, config: dict | None = None,
 ) -> None:
-    """The demo LLaVA: the baseline tower (frozen), a tokenizer of the synthetic vocabulary, a tiny Llama and a
+    """The demo LLaVA: the baseline tower (frozen), a tokenizer of the training texts' words, a tiny Llama and a
     projector trained as LLaVA-1.5 trains: alignment on the HNC training captions, then the synthetic VQA/TextVQA
-    train questions. ``settings`` is the config's ``llava`` section."""
+    train questions. ``settings`` holds the config's ``llava.align_*`` and ``llava.pretrain_*`` keys."""
     clip, _, _ = load_clip(model_name, baseline_weights)
     tower = to_hf_vision_model(clip)
     work = Path(log_path).with_suffix(".tokenizer")
-    texts = demo_tokenizer_texts([*train_questions, *vocabulary_questions], captions)
+    texts = demo_tokenizer_texts(train_questions, captions)
     tokenizer = train_demo_tokenizer(texts, work)
     model = build_demo_llava(tower, tokenizer, seed=seed)
     mean, std = clip.visual.preprocess_cfg["mean"], clip.visual.preprocess_cfg["std"]

@@ -8,7 +8,8 @@ Every word of the training texts is one token. Any other word is spelled: its fi
 ``##``-prefixed continuation characters (WordPiece), and decoding joins them back. Sign text (OCR tokens,
 TextVQA answers) is left out of the word list on purpose, so reading "DL" off the OCR line and answering
 "dl", or its first character, is a copy of character tokens the model can learn from any sign, not a
-lookup of a word it has to have seen.
+lookup of a word it has to have seen. A sign that happens to spell a word of the list ("ON", "TO") stays
+that one word, in the OCR line and in the answer alike.
 """
 
 from __future__ import annotations
