@@ -93,6 +93,8 @@ def test_followup_turn_snapshot():
         "USER: Is it red?\nAnswer the question using a single word or phrase. ASSISTANT:")
     assert llava15_followup_turn("q?", ocr_tokens=["A"]) == (
         "USER: q?\nReference OCR token: A\nAnswer the question using a single word or phrase. ASSISTANT:")
+    with pytest.raises(ValueError, match="empty question"):
+        llava15_followup_turn(" ")
 
 
 def test_prompt_without_ocr_tokens_has_no_ocr_line():

@@ -35,6 +35,8 @@ PROMPT_VARIANT_OCR = "llava15_vicuna_v1_short_answer_ocr"
 
 def llava15_user_message(question: str, *, ocr_tokens: Sequence[str] | None = None, with_image: bool = True) -> str:
     """The user turn: ``<image>`` (first turn only), the question, the optional OCR line, the short-answer instruction."""
+    if not question or not question.strip():
+        raise ValueError("empty question: a LLaVA prompt needs question text")
     lines = [IMAGE_TOKEN] if with_image else []
     lines.append(question.strip())
     if ocr_tokens:
@@ -48,8 +50,6 @@ def llava15_prompt(question: str, *, ocr_tokens: Sequence[str] | None = None) ->
 
     ``ocr_tokens`` None or empty leaves the OCR line out (see the module docstring).
     """
-    if not question or not question.strip():
-        raise ValueError("empty question: a LLaVA prompt needs question text")
     return f"{SYSTEM_PROMPT} USER: {llava15_user_message(question, ocr_tokens=ocr_tokens)} ASSISTANT:"
 
 
@@ -59,8 +59,6 @@ def llava15_followup_turn(question: str, *, ocr_tokens: Sequence[str] | None = N
     LLaVA-1.5's instruction data asks all of an image's VQA questions in one multi-turn conversation; only
     the first turn carries ``<image>`` and the system line (``vicuna_v1``: ``sep2="</s>"`` then ``USER: ...``).
     """
-    if not question or not question.strip():
-        raise ValueError("empty question: a LLaVA prompt needs question text")
     return f"USER: {llava15_user_message(question, ocr_tokens=ocr_tokens, with_image=False)} ASSISTANT:"
 
 

@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-
 from hnclip.io import write_json
 from hnclip.llava.demo_model import build_demo_llava, demo_image_processor, save_demo_llava
 from hnclip.llava.export import export_llava_checkpoint, to_hf_vision_model
