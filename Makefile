@@ -17,13 +17,18 @@ $(BIN)/snakemake: pyproject.toml
 demo: $(BIN)/snakemake
 	$(BIN)/python -m hnclip.warm run -- $(BIN)/snakemake --profile profiles/demo --cores $(CORES)
 	@echo
-	@echo "Demo outputs (results/):"
-	@echo "  synthetic world, real formats   results/synth/{gqa,hnc,vqav2,textvqa,zeroshot}"
-	@echo "  Parquet shards                  results/data/"
-	@echo "  baseline + fine-tuned towers    results/baseline/, results/finetune/alpha~*/tau~*/seed~*/"
-	@echo "  encoder evaluation              results/eval/<model>/{hnc,zeroshot,drift}.json"
-	@echo "  LLaVA checkpoints, VQA scores   results/llava/<model>/, results/vqa/<model>/<dataset>/scores.json"
-	@echo "  summary, tables, figures        results/tables/, results/figures/"
+	@echo "Demo outputs (results/demo/; the thesis run writes results/thesis/):"
+	@echo "  synthetic world, real formats   synth/{gqa,hnc,vqav2,textvqa,zeroshot}"
+	@echo "  Parquet shards                  data/"
+	@echo "  baseline + fine-tuned towers    baseline/, finetune/alpha~*/tau~*/seed~*/"
+	@echo "  encoder evaluation              eval/<model>/{hnc,zeroshot,drift}.json"
+	@echo "  LLaVA checkpoints, VQA scores   llava/<model>/, vqa/<model>/<dataset>/scores.json"
+	@echo "  summary, tables, figures        tables/, figures/"
+	@echo "  logs, benchmarks                logs/, benchmarks/"
+
+## clean-demo: remove the demo run's directory (and nothing of any other run)
+clean-demo:
+	rm -rf results/demo
 
 ## test: unit tests, workflow tests (lint, dry runs, the demo DAG in a tmp dir), SLURM on a local cluster
 test: $(BIN)/snakemake

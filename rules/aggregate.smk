@@ -4,13 +4,13 @@ rule summary:
         summary_inputs,
     output:
         summary=report(
-            "results/tables/summary.csv",
+            run_path("tables/summary.csv"),
             caption="../report/summary.rst",
             category="Tables",
         ),
-        provenance="results/tables/summary.provenance.json",
+        provenance=run_path("tables/summary.provenance.json"),
     log:
-        "logs/summary/summary.log",
+        run_path("logs/summary/summary.log"),
     conda:
         "../envs/report.yaml"
     params:
@@ -23,7 +23,7 @@ rule summary:
 
 rule tables:
     input:
-        summary="results/tables/summary.csv",
+        summary=run_path("tables/summary.csv"),
     output:
         [
             report(
@@ -34,7 +34,7 @@ rule tables:
             for path in TABLE_FILES
         ],
     log:
-        "logs/tables/tables.log",
+        run_path("logs/tables/tables.log"),
     conda:
         "../envs/report.yaml"
     params:
@@ -48,7 +48,7 @@ rule tables:
 
 rule figures:
     input:
-        summary="results/tables/summary.csv",
+        summary=run_path("tables/summary.csv"),
         train_logs=train_log_inputs,
     output:
         [
@@ -57,7 +57,7 @@ rule figures:
             for path in figure_files(stem)
         ],
     log:
-        "logs/figures/figures.log",
+        run_path("logs/figures/figures.log"),
     conda:
         "../envs/report.yaml"
     params:

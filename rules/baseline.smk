@@ -8,12 +8,12 @@ if IS_DEMO:
             val=hnc_shards("val"),
         output:
             weights=BASELINE_WEIGHTS,
-            train_log="results/baseline/train_log.csv",
-            provenance="results/baseline/provenance.json",
+            train_log=run_path("baseline/train_log.csv"),
+            provenance=run_path("baseline/provenance.json"),
         log:
-            "logs/pretrain/baseline.log",
+            run_path("logs/pretrain/baseline.log"),
         benchmark:
-            "benchmarks/pretrain/baseline.tsv"
+            run_path("benchmarks/pretrain/baseline.tsv")
         conda:
             "../envs/train.yaml"
         threads: config["finetune"]["num_threads"]
@@ -24,7 +24,7 @@ if IS_DEMO:
         params:
             settings=pretrain_settings(),
             model_name=config["model"]["clip_name"],
-            state_dir="results/state/pretrain",
+            state_dir=run_path("state/pretrain"),
         script:
             "../workflow_scripts/train.py"
 
@@ -35,9 +35,9 @@ else:
             raw_input("clip_weights"),
         output:
             weights=BASELINE_WEIGHTS,
-            provenance="results/baseline/provenance.json",
+            provenance=run_path("baseline/provenance.json"),
         log:
-            "logs/import_baseline/baseline.log",
+            run_path("logs/import_baseline/baseline.log"),
         conda:
             "../envs/train.yaml"
         resources:

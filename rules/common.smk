@@ -23,7 +23,18 @@ wildcard_constraints:
     chunk=r"[0-9]+",
 
 
-SYNTH_DIR = "results/synth"
+# Everything one run writes (results, logs, benchmarks, resume state) lives under results/<run_name>/, so the
+# demo, the thesis run and thesis variants share a checkout without planning over each other's files. Only the
+# downloads under resources/ are shared: they are verified against the manifest, the same for every run.
+RUN_DIR = f"results/{config['run_name']}"
+
+
+def run_path(path):
+    """``path`` inside this run's directory."""
+    return f"{RUN_DIR}/{path}"
+
+
+SYNTH_DIR = run_path("synth")
 SYNTH_MARKER = f"{SYNTH_DIR}/world.json"
 
 # Where each raw input lives in the synthetic world (same formats as the real files).
@@ -136,7 +147,7 @@ HNC_SPLITS = ["train", "val", "test"]
 
 def hnc_shards(split):
     n_shards = config["preprocess"]["hnc_shards"][split]
-    return [f"results/data/hnc/{split}/part-{k:05d}.parquet" for k in range(n_shards)]
+    return [run_path(f"data/hnc/{split}/part-{k:05d}.parquet") for k in range(n_shards)]
 
 
 VQA_INPUT_KEYS = {
@@ -154,14 +165,14 @@ def vqa_raw_paths(dataset):
 
 
 # ---- models ------------------------------------------------------------------------------------------------------
-BASELINE_WEIGHTS = "results/baseline/model.safetensors"
+BASELINE_WEIGHTS = run_path("baseline/model.safetensors")
 
 
 def model_weights(model):
     """The CLIP weights file of a model name: the baseline or a grid cell."""
     if model == "baseline":
         return BASELINE_WEIGHTS
-    return f"results/finetune/{model}/model.safetensors"
+    return run_path(f"finetune/{model}/model.safetensors")
 
 
 def cell_values(wildcards):
@@ -243,7 +254,7 @@ def eval_references(wildcards):
     others = comparison_models(wildcards.model)
     return {
         benchmark: {
-            name: f"results/eval/{other}/{benchmark}_items.parquet"
+            name: run_path(f"eval/{other}/{benchmark}_items.parquet")
             for name, other in others.items()
         }
         for benchmark in ["hnc", "zeroshot"]
@@ -272,14 +283,14 @@ EVAL_BENCHMARKS = [
 
 def eval_outputs(models=None):
     return [
-        f"results/eval/{m}/{b}.json"
+        run_path(f"eval/{m}/{b}.json")
         for m in (models or MODELS)
         for b in EVAL_BENCHMARKS
     ]
 
 
 # ---- LLaVA and VQA ------------------------------------------------------------------------------------------------
-LLAVA_BASE = "results/llava/base" if IS_DEMO else raw_path("llava_base")
+LLAVA_BASE = run_path("llava/base") if IS_DEMO else raw_path("llava_base")
 VQA_DATASETS = config["llava"]["datasets"]
 VQA_CHUNKS = list(range(config["llava"]["chunks"]))
 
@@ -299,12 +310,12 @@ def llava_checkpoint_output(path):
 
 
 def llava_checkpoint(model):
-    return f"results/llava/{model}"
+    return run_path(f"llava/{model}")
 
 
 def vqa_chunk_files(wildcards):
     return [
-        f"results/vqa/{wildcards.model}/{wildcards.dataset}/chunk-{k}.jsonl"
+        run_path(f"vqa/{wildcards.model}/{wildcards.dataset}/chunk-{k}.jsonl")
         for k in VQA_CHUNKS
     ]
 
@@ -312,14 +323,14 @@ def vqa_chunk_files(wildcards):
 def vqa_references(wildcards):
     """Per-question scores of the comparison models on the same questions."""
     return {
-        name: f"results/vqa/{other}/{wildcards.dataset}/items.parquet"
+        name: run_path(f"vqa/{other}/{wildcards.dataset}/items.parquet")
         for name, other in comparison_models(wildcards.model).items()
     }
 
 
 def vqa_outputs(models=None):
     return [
-        f"results/vqa/{m}/{d}/scores.json"
+        run_path(f"vqa/{m}/{d}/scores.json")
         for m in (models or MODELS)
         for d in VQA_DATASETS
     ]
@@ -338,7 +349,7 @@ def llava_train_paths(dataset):
 # ---- aggregation ------------------------------------------------------------------------------------------------
 BENCHMARKS = ["hnc_test", "zeroshot", "drift"] + VQA_DATASETS
 TABLE_FILES = [
-    f"results/tables/{b}.{ext}" for b in BENCHMARKS for ext in ["csv", "md", "tex"]
+    run_path(f"tables/{b}.{ext}") for b in BENCHMARKS for ext in ["csv", "md", "tex"]
 ]
 FIGURE_STEMS = [
     "heatmap_hnc_all",
@@ -365,7 +376,7 @@ def summary_inputs(wildcards):
 
 
 def train_logs():
-    return {cell: f"results/finetune/{cell}/train_log.csv" for cell in CELLS}
+    return {cell: run_path(f"finetune/{cell}/train_log.csv") for cell in CELLS}
 
 
 def train_log_inputs(wildcards):
@@ -376,7 +387,7 @@ def train_log_inputs(wildcards):
 
 
 def figure_files(stem):
-    return [f"results/figures/{stem}.{ext}" for ext in ["pdf", "png"]]
+    return [run_path(f"figures/{stem}.{ext}") for ext in ["pdf", "png"]]
 
 
 # ---- targets -----------------------------------------------------------------------------------------------------
@@ -385,14 +396,14 @@ def get_final_output():
     targets = []
     if IS_DEMO:
         targets.append(SYNTH_MARKER)
-    targets += [f"results/data/hnc/{split}/stats.json" for split in HNC_SPLITS]
+    targets += [run_path(f"data/hnc/{split}/stats.json") for split in HNC_SPLITS]
     targets += expand(
-        "results/data/vqa/{dataset}/questions.parquet",
+        run_path("data/vqa/{dataset}/questions.parquet"),
         dataset=config["llava"]["datasets"],
     )
     targets += [model_weights(model) for model in MODELS]
     targets += eval_outputs()
     targets += vqa_outputs()
-    targets += ["results/tables/summary.csv", *TABLE_FILES]
+    targets += [run_path("tables/summary.csv"), *TABLE_FILES]
     targets += [path for stem in FIGURE_STEMS for path in figure_files(stem)]
     return targets

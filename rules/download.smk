@@ -10,7 +10,7 @@ rule download:
     output:
         "resources/.fetched/{entry}.json",
     log:
-        "logs/download/{entry}.log",
+        "resources/.fetched/{entry}.log",
     conda:
         "../envs/data.yaml"
     resources:

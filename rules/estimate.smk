@@ -5,7 +5,7 @@ localrules:
 
 rule estimate:
     log:
-        "logs/estimate/estimate.log",
+        run_path("logs/estimate/estimate.log"),
     conda:
         "../envs/report.yaml"
     params:

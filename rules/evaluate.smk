@@ -7,15 +7,15 @@ rule evaluate_encoder:
         zeroshot=raw_input("zeroshot"),
         references=eval_reference_files,
     output:
-        hnc="results/eval/{model}/hnc.json",
-        hnc_items="results/eval/{model}/hnc_items.parquet",
-        zeroshot="results/eval/{model}/zeroshot.json",
-        zeroshot_items="results/eval/{model}/zeroshot_items.parquet",
-        drift="results/eval/{model}/drift.json",
+        hnc=run_path("eval/{model}/hnc.json"),
+        hnc_items=run_path("eval/{model}/hnc_items.parquet"),
+        zeroshot=run_path("eval/{model}/zeroshot.json"),
+        zeroshot_items=run_path("eval/{model}/zeroshot_items.parquet"),
+        drift=run_path("eval/{model}/drift.json"),
     log:
-        "logs/evaluate_encoder/{model}.log",
+        run_path("logs/evaluate_encoder/{model}.log"),
     benchmark:
-        "benchmarks/evaluate_encoder/{model}.tsv"
+        run_path("benchmarks/evaluate_encoder/{model}.tsv")
     conda:
         "../envs/evaluate.yaml"
     threads: resource("evaluate", "threads")

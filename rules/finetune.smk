@@ -4,13 +4,17 @@ rule finetune:
         train=hnc_shards("train"),
         val=hnc_shards("val"),
     output:
-        weights="results/finetune/alpha~{alpha}/tau~{tau}/seed~{seed}/model.safetensors",
-        train_log="results/finetune/alpha~{alpha}/tau~{tau}/seed~{seed}/train_log.csv",
-        provenance="results/finetune/alpha~{alpha}/tau~{tau}/seed~{seed}/provenance.json",
+        weights=run_path(
+            "finetune/alpha~{alpha}/tau~{tau}/seed~{seed}/model.safetensors"
+        ),
+        train_log=run_path("finetune/alpha~{alpha}/tau~{tau}/seed~{seed}/train_log.csv"),
+        provenance=run_path(
+            "finetune/alpha~{alpha}/tau~{tau}/seed~{seed}/provenance.json"
+        ),
     log:
-        "logs/finetune/alpha~{alpha}/tau~{tau}/seed~{seed}.log",
+        run_path("logs/finetune/alpha~{alpha}/tau~{tau}/seed~{seed}.log"),
     benchmark:
-        "benchmarks/finetune/alpha~{alpha}/tau~{tau}/seed~{seed}.tsv"
+        run_path("benchmarks/finetune/alpha~{alpha}/tau~{tau}/seed~{seed}.tsv")
     conda:
         "../envs/train.yaml"
     threads: config["finetune"]["num_threads"]
@@ -22,7 +26,7 @@ rule finetune:
         settings=finetune_settings,
         model_name=config["model"]["clip_name"],
         # outside the declared outputs: Snakemake never deletes it when it cleans a failed or preempted job
-        state_dir="results/state/finetune/alpha~{alpha}/tau~{tau}/seed~{seed}",
+        state_dir=run_path("state/finetune/alpha~{alpha}/tau~{tau}/seed~{seed}"),
     script:
         "../workflow_scripts/train.py"
 

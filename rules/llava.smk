@@ -5,16 +5,16 @@ if IS_DEMO:
         input:
             baseline=BASELINE_WEIGHTS,
             train=expand(
-                "results/data/vqa/{dataset}/train_questions.parquet",
+                run_path("data/vqa/{dataset}/train_questions.parquet"),
                 dataset=VQA_DATASETS,
             ),
             captions=hnc_shards("train"),
         output:
             directory(LLAVA_BASE),
         log:
-            "logs/pretrain_llava/base.log",
+            run_path("logs/pretrain_llava/base.log"),
         benchmark:
-            "benchmarks/pretrain_llava/base.tsv"
+            run_path("benchmarks/pretrain_llava/base.tsv")
         conda:
             "../envs/llava.yaml"
         threads: config["finetune"]["num_threads"]
@@ -25,8 +25,8 @@ if IS_DEMO:
         params:
             model_name=config["model"]["clip_name"],
             settings=llava_training_settings(),
-            seed=config["pretrain"]["seed"],
-            train_log="results/llava/base_train_log.csv",
+            seed=config["llava"]["seed"],
+            train_log=run_path("llava/base_train_log.csv"),
         script:
             "../workflow_scripts/pretrain_llava.py"
 
@@ -36,9 +36,9 @@ rule export:
         base=llava_base_input(),
         weights=lambda wildcards: model_weights(wildcards.model),
     output:
-        llava_checkpoint_output("results/llava/{model}"),
+        llava_checkpoint_output(run_path("llava/{model}")),
     log:
-        "logs/export/{model}.log",
+        run_path("logs/export/{model}.log"),
     conda:
         "../envs/llava.yaml"
     threads: resource("export", "threads")

@@ -8,11 +8,11 @@ for hnc_split in HNC_SPLITS:
             images_ready=raw_input("gqa_images"),
         output:
             shards=hnc_shards(hnc_split),
-            stats=f"results/data/hnc/{hnc_split}/stats.json",
+            stats=run_path(f"data/hnc/{hnc_split}/stats.json"),
         log:
-            f"logs/preprocess_hnc/{hnc_split}.log",
+            run_path(f"logs/preprocess_hnc/{hnc_split}.log"),
         benchmark:
-            f"benchmarks/preprocess_hnc/{hnc_split}.tsv"
+            run_path(f"benchmarks/preprocess_hnc/{hnc_split}.tsv")
         conda:
             "../envs/data.yaml"
         threads: 1
@@ -32,9 +32,9 @@ rule preprocess_vqa:
     input:
         vqa_raw_inputs,
     output:
-        "results/data/vqa/{dataset}/questions.parquet",
+        run_path("data/vqa/{dataset}/questions.parquet"),
     log:
-        "logs/preprocess_vqa/{dataset}.log",
+        run_path("logs/preprocess_vqa/{dataset}.log"),
     conda:
         "../envs/data.yaml"
     threads: 1
@@ -61,9 +61,9 @@ rule preprocess_vqa_train:
     input:
         SYNTH_MARKER,
     output:
-        "results/data/vqa/{dataset}/train_questions.parquet",
+        run_path("data/vqa/{dataset}/train_questions.parquet"),
     log:
-        "logs/preprocess_vqa_train/{dataset}.log",
+        run_path("logs/preprocess_vqa_train/{dataset}.log"),
     conda:
         "../envs/data.yaml"
     threads: 1

@@ -14,9 +14,9 @@ rule synth:
             if k != "images"
         ],
     log:
-        "logs/synth/synth.log",
+        run_path("logs/synth/synth.log"),
     benchmark:
-        "benchmarks/synth/synth.tsv"
+        run_path("benchmarks/synth/synth.tsv")
     conda:
         "../envs/data.yaml"
     threads: 1

@@ -2,13 +2,13 @@
 rule vqa:
     input:
         checkpoint=lambda wildcards: llava_checkpoint(wildcards.model),
-        questions="results/data/vqa/{dataset}/questions.parquet",
+        questions=run_path("data/vqa/{dataset}/questions.parquet"),
     output:
-        "results/vqa/{model}/{dataset}/chunk-{chunk}.jsonl",
+        run_path("vqa/{model}/{dataset}/chunk-{chunk}.jsonl"),
     log:
-        "logs/vqa/{model}/{dataset}/chunk-{chunk}.log",
+        run_path("logs/vqa/{model}/{dataset}/chunk-{chunk}.log"),
     benchmark:
-        "benchmarks/vqa/{model}/{dataset}/chunk-{chunk}.tsv"
+        run_path("benchmarks/vqa/{model}/{dataset}/chunk-{chunk}.tsv")
     conda:
         "../envs/llava.yaml"
     threads: resource("vqa", "threads")
@@ -18,7 +18,7 @@ rule vqa:
         gpu=resource("vqa", "gpu"),
     params:
         # outside the declared outputs: a killed or preempted job resumes from it
-        work="results/state/vqa/{model}/{dataset}/chunk-{chunk}.partial.jsonl",
+        state_dir=run_path("state/vqa/{model}/{dataset}/chunk-{chunk}"),
         n_chunks=config["llava"]["chunks"],
         batch_size=config["llava"]["batch_size"],
         max_new_tokens=config["llava"]["max_new_tokens"],
@@ -32,14 +32,14 @@ rule vqa:
 rule score_vqa:
     input:
         chunks=vqa_chunk_files,
-        questions="results/data/vqa/{dataset}/questions.parquet",
+        questions=run_path("data/vqa/{dataset}/questions.parquet"),
         references=lambda wildcards: list(vqa_references(wildcards).values()),
     output:
-        predictions="results/vqa/{model}/{dataset}/predictions.jsonl",
-        scores="results/vqa/{model}/{dataset}/scores.json",
-        per_item="results/vqa/{model}/{dataset}/items.parquet",
+        predictions=run_path("vqa/{model}/{dataset}/predictions.jsonl"),
+        scores=run_path("vqa/{model}/{dataset}/scores.json"),
+        per_item=run_path("vqa/{model}/{dataset}/items.parquet"),
     log:
-        "logs/score_vqa/{model}/{dataset}.log",
+        run_path("logs/score_vqa/{model}/{dataset}.log"),
     conda:
         "../envs/evaluate.yaml"
     resources:

@@ -1,11 +1,8 @@
-import json
-from pathlib import Path
-
 from hnclip.workflow import run_logged
 
 
 def main(smk):
-    from hnclip.train import TrainSettings, launch_torchrun, run_training
+    from hnclip.train import train_job
 
     spec = dict(
         settings=dict(smk.params.settings),
@@ -19,14 +16,8 @@ def main(smk):
         out_provenance=smk.output.provenance,
         config=smk.config,
     )
-    gpus = int(smk.resources.get("gpu", 0))
-    if gpus > 1:  # one cell on several GPUs of one node: torchrun, one process per GPU
-        spec_path = Path(smk.params.state_dir) / "spec.json"
-        spec_path.parent.mkdir(parents=True, exist_ok=True)
-        spec_path.write_text(json.dumps(spec, default=str))
-        launch_torchrun(spec_path, gpus)
-    else:
-        run_training(TrainSettings(**spec.pop("settings")), **spec)
+    # several GPUs of one node for one cell: torchrun, one process per GPU
+    train_job(spec, gpus=max(1, int(smk.resources.get("gpu", 0))))
 
 
 run_logged(snakemake, main)

@@ -10,7 +10,7 @@ def main(smk):
         n_chunks=smk.params.n_chunks,
         chunk=int(smk.wildcards.chunk),
         out_jsonl=smk.output[0],
-        work_jsonl=smk.params.work,
+        state_dir=smk.params.state_dir,
         batch_size=smk.params.batch_size,
         max_new_tokens=smk.params.max_new_tokens,
         use_ocr=smk.params.use_ocr,

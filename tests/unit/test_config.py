@@ -18,7 +18,7 @@ def test_both_shipped_configs_validate(schema):
 
 
 def test_defaults_fill_every_described_key(schema):
-    completed = validate_config({}, schema)
+    completed = validate_config({"run_name": "mine"}, schema)
     assert completed["finetune"]["grid"] == {"alpha": [0.0, 1.0, 5.0], "tau": [0.05, 0.1], "seed": [0, 1, 2]}
     assert completed["resources"]["finetune"] == {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0}
 
@@ -35,11 +35,20 @@ def _walk_properties(node, root, path=""):
 def test_schema_types_describes_and_defaults_every_key(schema):
     for key, sub in _walk_properties(schema, schema):
         assert "type" in sub, key
-        assert "default" in sub, key
+        assert "default" in sub or key in schema["required"], key
         if sub.get("type") == "object":
             assert sub.get("additionalProperties") is False, key
         else:
             assert sub.get("description"), key
+
+
+def test_run_name_is_required_and_names_a_directory(schema):
+    with pytest.raises(ConfigError, match="'run_name' is a required property"):
+        validate_config({}, schema)
+    for bad in ["../thesis", "a b", "", "baseline"]:
+        with pytest.raises(ConfigError, match="config key run_name"):
+            validate_config({"run_name": bad}, schema)
+    assert validate_config({"run_name": "thesis-lr1e-5.b_2"}, schema)["run_name"] == "thesis-lr1e-5.b_2"
 
 
 @pytest.mark.parametrize(
@@ -58,15 +67,15 @@ def test_schema_types_describes_and_defaults_every_key(schema):
 )
 def test_bad_values_name_the_key(schema, override, message):
     with pytest.raises(ConfigError) as error:
-        validate_config(copy.deepcopy(override), schema)
+        validate_config({"run_name": "t", **copy.deepcopy(override)}, schema)
     assert message in str(error.value)
 
 
 def test_command_line_strings_take_the_schema_type(schema):
     """Snakemake's --config reads nested values as strings: report={from_existing: true} gives 'true'."""
-    completed = validate_config({"report": {"from_existing": "true"}, "finetune": {"steps": "12", "lr": "1e-4"}},
-                                schema)
+    completed = validate_config({"run_name": "t", "report": {"from_existing": "true"},
+                                 "finetune": {"steps": "12", "lr": "1e-4"}}, schema)
     assert completed["report"]["from_existing"] is True
     assert completed["finetune"]["steps"] == 12 and completed["finetune"]["lr"] == 1e-4
     with pytest.raises(ConfigError, match="config key finetune.steps: 'many' is not of type 'integer'"):
-        validate_config({"finetune": {"steps": "many"}}, schema)
+        validate_config({"run_name": "t", "finetune": {"steps": "many"}}, schema)

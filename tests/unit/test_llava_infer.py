@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -256,6 +257,46 @@ def test_predict_vqa_from_saved_checkpoint_matches_in_memory_model(demo, tmp_pat
     out = tmp_path / "vqa" / "predictions.jsonl"
     summary = predict_vqa(checkpoint, demo["parquet"], out, batch_size=8, max_new_tokens=MAX_NEW_TOKENS)
     assert summary["n_questions"] == len(demo["questions"])
-    assert not (tmp_path / "vqa" / "predictions.jsonl.partial").exists()
+    assert not (tmp_path / "vqa" / "predictions.jsonl.state").exists()
     in_memory = _answer(demo, "trained", demo["questions"], tmp_path / "mem.jsonl", batch_size=8)
     assert _predictions(out) == in_memory
+
+
+class Killed(Exception):
+    """Stands for a job killed after answering, before it published its predictions."""
+
+
+def _killed_before_publishing(monkeypatch, checkpoint, parquet, out, state):
+    def kill(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr("hnclip.llava.infer.gather_chunks", kill)
+        with pytest.raises(Killed):
+            predict_vqa(checkpoint, parquet, out, state_dir=state, batch_size=8, max_new_tokens=MAX_NEW_TOKENS)
+    assert (state / "predictions.partial.jsonl").stat().st_size > 0
+
+
+def test_partial_predictions_of_a_re_exported_model_are_set_aside(demo, tmp_path, monkeypatch, caplog):
+    checkpoint = tmp_path / "llava"
+    save_demo_llava(demo["untrained"], demo["tokenizer"], demo["processor"], checkpoint)
+    out, state = tmp_path / "vqa" / "predictions.jsonl", tmp_path / "state" / "chunk-0"
+    _killed_before_publishing(monkeypatch, checkpoint, demo["parquet"], out, state)
+    save_demo_llava(demo["trained"], demo["tokenizer"], demo["processor"], checkpoint)  # the model is re-exported
+    with caplog.at_level(logging.INFO):
+        predict_vqa(checkpoint, demo["parquet"], out, state_dir=state, batch_size=8, max_new_tokens=MAX_NEW_TOKENS)
+    assert "setting aside the state" in caplog.text and f"inputs.{checkpoint}: '" in caplog.text
+    assert "resuming" not in caplog.text
+    assert _predictions(out) == _answer(demo, "trained", demo["questions"], tmp_path / "mem.jsonl", batch_size=8)
+    assert not state.exists()
+
+
+def test_partial_predictions_of_the_same_model_are_continued(demo, tmp_path, monkeypatch, caplog):
+    checkpoint = save_demo_llava(demo["trained"], demo["tokenizer"], demo["processor"], tmp_path / "llava")
+    out, state = tmp_path / "vqa" / "predictions.jsonl", tmp_path / "state" / "chunk-0"
+    _killed_before_publishing(monkeypatch, checkpoint, demo["parquet"], out, state)
+    with caplog.at_level(logging.INFO):
+        predict_vqa(checkpoint, demo["parquet"], out, state_dir=state, batch_size=8, max_new_tokens=MAX_NEW_TOKENS)
+    assert f"resuming, {len(demo['questions'])} answered, 0 to go" in caplog.text
+    assert "setting aside" not in caplog.text
+    assert _predictions(out) == _answer(demo, "trained", demo["questions"], tmp_path / "mem.jsonl", batch_size=8)

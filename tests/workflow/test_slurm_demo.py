@@ -40,7 +40,8 @@ from tests.slurm_cluster import (
 from tests.workflow.conftest import REPO, micro_config, run_snakemake
 
 PROFILE_DIR = REPO / "profiles" / "slurm"
-BASELINE = "results/baseline/model.safetensors"
+RUN = "results/demo"  # micro_config keeps config.demo.yaml's run_name
+BASELINE = f"{RUN}/baseline/model.safetensors"
 CELL_OUTPUTS = ("model.safetensors", "train_log.csv", "provenance.json")
 # Set in the test config on purpose, so the sbatch request can be checked against known numbers
 # (the profile's default-resources ask for 4000 MB / 60 min; the workflow's own values must win).
@@ -93,11 +94,11 @@ def local_snakemake_command(workdir: Path, args: list[str]) -> list[str]:
 
 
 def cell_dir(workdir: Path, cell: str) -> Path:
-    return workdir / "results" / "finetune" / cell
+    return workdir / RUN / "finetune" / cell
 
 
 def cell_log(workdir: Path, cell: str) -> Path:
-    return workdir / "logs" / "finetune" / f"{cell}.log"
+    return workdir / RUN / "logs" / "finetune" / f"{cell}.log"
 
 
 def slurm_log(workdir: Path, cell: str, job_id: str) -> Path:
@@ -107,7 +108,7 @@ def slurm_log(workdir: Path, cell: str, job_id: str) -> Path:
 
 
 def cell_state(workdir: Path, cell: str) -> Path:
-    return workdir / "results" / "state" / "finetune" / cell / "state.json"
+    return workdir / RUN / "state" / "finetune" / cell / "state.json"
 
 
 # ------------------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def test_grid_cells_train_as_gpu_jobs_through_sbatch(
             assert (cell_dir(workdir, cell) / name).is_file(), (cell, name)
         assert jobs[job_id] == slurm_log(workdir, cell, job_id)
         assert "rule finetune:" in jobs[job_id].read_text()  # slurm-keep-successful-logs kept it
-        assert "wrote results/finetune/" in cell_log(workdir, cell).read_text()
+        assert f"wrote {RUN}/finetune/" in cell_log(workdir, cell).read_text()
         job = details[job_id]
         assert job["JobState"] == "COMPLETED", job
         assert job["Partition"] == LOCAL_PARTITION
@@ -300,7 +301,7 @@ def _overlapped(first: dict[str, str], second: dict[str, str]) -> bool:
 def test_requeued_training_job_resumes_and_ends_with_uninterrupted_weights(
     slurm_cluster: LocalSlurmCluster, slurm_profile: Path, prepared_workflow: Path, tmp_path: Path
 ) -> None:
-    target = f"results/finetune/{PREEMPT_CELL}/model.safetensors"
+    target = f"{RUN}/finetune/{PREEMPT_CELL}/model.safetensors"
     preempted = workflow_copy(prepared_workflow, tmp_path / "preempted", preempt_config())
     uninterrupted = workflow_copy(prepared_workflow, tmp_path / "uninterrupted", preempt_config())
     process = start_snakemake_on_slurm(
@@ -351,11 +352,12 @@ def test_requeued_training_job_resumes_and_ends_with_uninterrupted_weights(
     assert (details["Restarts"], details["JobState"]) == ("1", "COMPLETED"), details
     # The rerun resumed exactly where the killed run saved, and finished the cell.
     rule_log = cell_log(preempted, PREEMPT_CELL).read_text()
-    resumed = re.findall(r"resuming from results/state/finetune/(\S+) at step (\d+)", rule_log)
+    resumed = re.findall(rf"resuming from {RUN}/state/finetune/(\S+) at step (\d+)", rule_log)
     assert resumed == [(PREEMPT_CELL, str(saved_at))], rule_log[-3000:]
     log_rows = (cell_dir(preempted, PREEMPT_CELL) / "train_log.csv").read_text().splitlines()[1:]
     assert [int(row.split(",")[0]) for row in log_rows] == list(range(1, PREEMPT_STEPS + 1))
     assert "resuming from" not in (cell_log(uninterrupted, PREEMPT_CELL)).read_text()
+    assert not cell_state(preempted, PREEMPT_CELL).parent.exists()  # finished: its state is gone
     assert (
         tensors_that_differ(cell_dir(uninterrupted, PREEMPT_CELL) / "model.safetensors", preempted / target)
         == []

@@ -1,8 +1,10 @@
 """The workflow as a whole: lint, formatting, job counts of dry runs, config errors, and a real run of the demo DAG."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -61,6 +63,51 @@ def test_thesis_dry_run_downloads_and_has_one_finetune_job_per_grid_cell(tmp_pat
     assert counts["download"] >= 10  # every raw input the thesis reads comes from the manifest
 
 
+def _planned_files(dry_run_output: str) -> set[str]:
+    """Every output, log and benchmark file of the jobs a dry run plans."""
+    files = set()
+    for match in re.finditer(r"^\s+(?:output|log|benchmark): (.+)$", dry_run_output, flags=re.MULTILINE):
+        files.update(path.strip() for path in match[1].split(","))
+    return files
+
+
+def _simulate_finished_run(workdir: Path, files: set[str]) -> None:
+    for path in files:
+        (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / path).write_text("a finished run's file\n")
+
+
+def test_demo_and_thesis_runs_in_one_checkout_plan_nothing_over_each_other(tmp_path):
+    thesis = _planned_files(run_snakemake("-n", "--directory", str(tmp_path), *THESIS).stdout)
+    demo = _planned_files(run_snakemake("-n", "--directory", str(tmp_path), *DEMO).stdout)
+    assert len(thesis) > 100 and len(demo) > 100
+    assert all(path.startswith(("results/thesis/", "resources/")) for path in thesis), sorted(thesis)[:5]
+    assert all(path.startswith("results/demo/") for path in demo), sorted(demo)[:5]
+    _simulate_finished_run(tmp_path, thesis)
+    demo_after_thesis = _planned_files(run_snakemake("-n", "--directory", str(tmp_path), *DEMO).stdout)
+    assert demo_after_thesis == demo and not demo_after_thesis & thesis
+    _simulate_finished_run(tmp_path, demo)
+    thesis_after_demo = _planned_files(run_snakemake("-n", "--directory", str(tmp_path), *THESIS).stdout)
+    assert thesis_after_demo <= thesis and not thesis_after_demo & demo
+
+
+def test_a_named_thesis_variant_runs_beside_the_thesis_and_shares_only_the_downloads(tmp_path):
+    thesis = _planned_files(run_snakemake("-n", "--directory", str(tmp_path), *THESIS).stdout)
+    _simulate_finished_run(tmp_path, thesis)
+    variant = run_snakemake("-n", "--directory", str(tmp_path), *THESIS, "--config", "run_name=thesis-lr1e-5").stdout
+    planned = _planned_files(variant)
+    assert planned and all(path.startswith("results/thesis-lr1e-5/") for path in planned), sorted(planned)[:5]
+    assert "download" not in job_counts(variant)  # the verified downloads are shared, not fetched again
+
+
+def test_a_config_without_run_name_is_refused(tmp_path, write_config):
+    config = yaml.safe_load((REPO / "config.demo.yaml").read_text())
+    del config["run_name"]
+    result = run_snakemake("-n", "--directory", str(tmp_path), "--configfile", str(write_config(config)),
+                           "--replace-workflow-config", check=False)
+    assert result.returncode != 0 and "'run_name' is a required property" in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -98,39 +145,59 @@ def micro_run(tmp_path_factory):
 @pytest.mark.slow
 def test_micro_demo_runs_every_stage(micro_run):
     workdir, _, _ = micro_run
-    world = json.loads((workdir / "results/synth/world.json").read_text())
+    world = json.loads((workdir / "results/demo/synth/world.json").read_text())
     assert world  # the synthetic world in real formats
     for split in ["train", "val", "test"]:
-        stats = json.loads((workdir / f"results/data/hnc/{split}/stats.json").read_text())
+        stats = json.loads((workdir / f"results/demo/data/hnc/{split}/stats.json").read_text())
         assert stats
     cells = ["alpha~0.0/tau~0.05/seed~0", "alpha~2.0/tau~0.05/seed~0"]
     for cell in cells:
-        assert (workdir / f"results/finetune/{cell}/model.safetensors").stat().st_size > 0
-        provenance = json.loads((workdir / f"results/finetune/{cell}/provenance.json").read_text())
+        assert (workdir / f"results/demo/finetune/{cell}/model.safetensors").stat().st_size > 0
+        provenance = json.loads((workdir / f"results/demo/finetune/{cell}/provenance.json").read_text())
         assert provenance["seed"] == 0 and provenance["git_commit"]
     for model in ["baseline", *cells]:
-        hnc = json.loads((workdir / f"results/eval/{model}/hnc.json").read_text())
+        hnc = json.loads((workdir / f"results/demo/eval/{model}/hnc.json").read_text())
         assert any(r["subset"] == "relation" for r in hnc["rows"])
-    control_rows = json.loads((workdir / f"results/eval/{cells[1]}/hnc.json").read_text())["rows"]
+    control_rows = json.loads((workdir / f"results/demo/eval/{cells[1]}/hnc.json").read_text())["rows"]
     assert all("delta_vs_control" in r and "delta_vs_baseline" in r for r in control_rows)
     # make demo's way: jobs forked from the warm server, logging to their own rule logs
-    assert "in a child of the warm server" in (workdir / "logs/finetune/alpha~2.0/tau~0.05/seed~0.log").read_text()
+    assert "in a child of the warm server" in (workdir / "results/demo/logs/finetune/alpha~2.0/tau~0.05/seed~0.log").read_text()
     for model in ["baseline", *cells]:
         for dataset in ["vqav2", "textvqa"]:
-            scores = json.loads((workdir / f"results/vqa/{model}/{dataset}/scores.json").read_text())
+            scores = json.loads((workdir / f"results/demo/vqa/{model}/{dataset}/scores.json").read_text())
             assert scores["rows"][0]["subset"] == "all" and 0 <= scores["rows"][0]["value"] <= 1
-        assert (workdir / f"results/llava/{model}/model.safetensors").exists()
-    summary = (workdir / "results/tables/summary.csv").read_text().splitlines()
+        assert (workdir / f"results/demo/llava/{model}/model.safetensors").exists()
+    summary = (workdir / "results/demo/tables/summary.csv").read_text().splitlines()
     assert summary[0].startswith("model,alpha,tau,seed,benchmark,subset,metric,value")
     for name in ["hnc_test.tex", "vqav2.md", "textvqa.csv"]:
-        assert (workdir / "results/tables" / name).stat().st_size > 0
-    assert (workdir / "results/figures/heatmap_hnc_relation.pdf").read_bytes().startswith(b"%PDF")
+        assert (workdir / "results/demo/tables" / name).stat().st_size > 0
+    assert (workdir / "results/demo/figures/heatmap_hnc_relation.pdf").read_bytes().startswith(b"%PDF")
+
+
+def _file_states(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_second_run_in_the_same_checkout_reproduces_the_summary_and_leaves_the_first_alone(micro_run):
+    """The micro demo again under another run_name, beside the first: its own directory, the same numbers."""
+    workdir, args, _ = micro_run
+    first = _file_states(workdir / "results/demo")
+    config = micro_config()
+    config["run_name"] = "demo-again"
+    again = workdir / "again.yaml"
+    again.write_text(yaml.safe_dump(config))
+    again_args = [arg if arg != str(workdir / "micro.yaml") else str(again) for arg in args]
+    run_snakemake(*again_args, timeout=1500, warm=True)
+    summary = "tables/summary.csv"
+    assert (workdir / "results/demo-again" / summary).read_bytes() == (workdir / "results/demo" / summary).read_bytes()
+    assert _file_states(workdir / "results/demo") == first
 
 
 @pytest.mark.slow
 def test_rerunning_one_cell_touches_no_other_cell(micro_run):
     workdir, args, _ = micro_run
-    target = "results/finetune/alpha~2.0/tau~0.05/seed~0/model.safetensors"
+    target = "results/demo/finetune/alpha~2.0/tau~0.05/seed~0/model.safetensors"
     counts = job_counts(run_snakemake(target, "--forcerun", "finetune", "-n", *args).stdout)
     assert counts == {"finetune": 1, "total": 1}
     assert "Nothing to be done" in run_snakemake("-n", *args).stdout + run_snakemake("-n", *args).stderr
@@ -162,25 +229,25 @@ REGENERATE = ["--rerun-triggers", "mtime", "--config", "report={from_existing: t
 @pytest.mark.slow
 def test_regenerating_figures_touches_no_model_rule(micro_run):
     workdir, args, _ = micro_run
-    for figure in (workdir / "results/figures").iterdir():
+    for figure in (workdir / "results/demo/figures").iterdir():
         figure.unlink()
     counts = job_counts(run_snakemake("figures", "-n", *args, *REGENERATE).stdout)
     assert counts == {"figures": 1, "total": 1}
     run_snakemake("figures", *args, *REGENERATE)
-    assert (workdir / "results/figures/tradeoff.png").stat().st_size > 0
+    assert (workdir / "results/demo/figures/tradeoff.png").stat().st_size > 0
 
 
 @pytest.mark.slow
 def test_missing_cell_is_named_unless_partial_figures_are_asked_for(micro_run):
     workdir, args, _ = micro_run
-    (workdir / "results/eval/alpha~2.0/tau~0.05/seed~0/zeroshot.json").unlink()
-    for table in (workdir / "results/tables").iterdir():  # Snakemake does not rebuild a missing intermediate
+    (workdir / "results/demo/eval/alpha~2.0/tau~0.05/seed~0/zeroshot.json").unlink()
+    for table in (workdir / "results/demo/tables").iterdir():  # Snakemake does not rebuild a missing intermediate
         table.unlink()
     failed = run_snakemake("tables", *args, *REGENERATE, check=False)
     assert failed.returncode != 0
     assert "evaluate_encoder" not in failed.stdout  # the missing result is reported, not recomputed
     message = "missing results for 1 model × benchmark pair(s): alpha~2.0/tau~0.05/seed~0 (zeroshot)"
-    assert message in (workdir / "logs/summary/summary.log").read_text()
+    assert message in (workdir / "results/demo/logs/summary/summary.log").read_text()
     partial = ["--rerun-triggers", "mtime", "--config", "report={from_existing: true, allow_partial: true}"]
     run_snakemake("tables", *args, *partial)
-    assert "PARTIAL: 2 of 3 cells" in (workdir / "results/tables/hnc_test.md").read_text()
+    assert "PARTIAL: 2 of 3 cells" in (workdir / "results/demo/tables/hnc_test.md").read_text()

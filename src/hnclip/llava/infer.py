@@ -6,7 +6,8 @@ positions and keys as it would alone (the tests check identical answers at batch
 
 Output is one JSON line per question, flushed batch by batch. A killed job is resumed by calling
 ``answer_questions`` again on the same file: complete lines are kept, a trailing partial line dropped, and
-only the missing questions are answered. ``gather_chunks`` turns chunk files into the final predictions file,
+only the missing questions are answered. The jobs (``answer_chunk``, ``predict_vqa``) keep that file in a state
+directory that is continued only by the job that made it (same model, questions, settings and code). ``gather_chunks`` turns chunk files into the final predictions file,
 atomically and only when no question is missing or duplicated.
 """
 
@@ -41,6 +42,7 @@ from hnclip.llava.prompt import (
     preprocess_images,
     prompt_variant,
 )
+from hnclip.resume import claim_state_dir, job_fingerprint, release_state_dir
 
 logger = logging.getLogger(__name__)
 
@@ -255,33 +257,58 @@ def chunk_questions(df: pd.DataFrame, n_chunks: int, k: int) -> pd.DataFrame:
     return ordered.iloc[k * size:(k + 1) * size]
 
 
-def predict_vqa(
-    checkpoint_dir: str | os.PathLike,
-    questions_parquet: str | os.PathLike,
-    out_path: str | os.PathLike,
-    *,
-    work_path: str | os.PathLike | None = None,
-    batch_size: int = 16,
-    max_new_tokens: int = 128,
-    use_ocr: bool = False,
-    device: str = "cpu",
-    dtype: str | torch.dtype = "auto",
-) -> dict[str, Any]:
-    """One job's VQA stage: load the checkpoint, answer all questions into a resumable working file, publish.
+PARTIAL_PREDICTIONS = "predictions.partial.jsonl"
 
-    ``work_path`` (default ``<out_path>.partial``) must not be a declared workflow output, so a failed or
-    pre-empted job's work survives for the rerun; ``out_path`` appears only complete. Returns run figures.
+
+def _answer_resumably(
+    checkpoint_dir: str | os.PathLike, questions_parquet: str | os.PathLike, questions: pd.DataFrame,
+    out_path: str | os.PathLike, state_dir: str | os.PathLike, *, settings: dict[str, Any], batch_size: int,
+    max_new_tokens: int, use_ocr: bool, device: str, dtype: str | torch.dtype,
+) -> tuple[LlavaForInference, float]:
+    """Answer ``questions`` into a working file in ``state_dir``, then publish ``out_path`` and drop the state.
+
+    The working file is continued only when the same model, question table, settings and code made it
+    (``hnclip.resume``): a re-exported model or a new question table starts it over. ``state_dir`` must not be a
+    declared workflow output, so a failed or pre-empted job's work survives for the rerun.
     """
-    out_path = Path(out_path)
-    work_path = Path(work_path) if work_path is not None else out_path.with_name(out_path.name + ".partial")
-    questions = pd.read_parquet(questions_parquet)
+    fingerprint = job_fingerprint(
+        {**settings, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "use_ocr": use_ocr,
+         "prompt_variant": prompt_variant(use_ocr), "device": device, "dtype": str(dtype)},
+        [checkpoint_dir, questions_parquet],
+    )
+    claim_state_dir(state_dir, fingerprint)
+    work_path = Path(state_dir) / PARTIAL_PREDICTIONS
     llava = load_llava_for_inference(checkpoint_dir, device=device, dtype=dtype)
     started = time.perf_counter()
     answer_questions(llava.model, llava.tokenizer, llava.image_processor, questions, work_path,
                      batch_size=batch_size, max_new_tokens=max_new_tokens, use_ocr=use_ocr, pad_colour=llava.pad_colour)
     seconds = time.perf_counter() - started
     gather_chunks([work_path], out_path, questions["question_id"])
-    work_path.unlink()
+    release_state_dir(state_dir)
+    return llava, seconds
+
+
+def predict_vqa(
+    checkpoint_dir: str | os.PathLike,
+    questions_parquet: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    state_dir: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    use_ocr: bool = False,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "auto",
+) -> dict[str, Any]:
+    """Answer every question of a table into ``out_path`` (resumable from ``state_dir``, default
+    ``<out_path>.state``); ``out_path`` appears only complete. Returns run figures."""
+    out_path = Path(out_path)
+    state_dir = Path(state_dir) if state_dir is not None else out_path.with_name(out_path.name + ".state")
+    questions = pd.read_parquet(questions_parquet)
+    llava, seconds = _answer_resumably(
+        checkpoint_dir, questions_parquet, questions, out_path, state_dir, settings={}, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, use_ocr=use_ocr, device=device, dtype=dtype,
+    )
     return {
         "checkpoint_dir": str(checkpoint_dir),
         "questions": str(questions_parquet),
@@ -297,19 +324,16 @@ def predict_vqa(
 
 
 def answer_chunk(
-    *, checkpoint_dir, questions_parquet, n_chunks: int, chunk: int, out_jsonl, work_jsonl, batch_size: int,
+    *, checkpoint_dir, questions_parquet, n_chunks: int, chunk: int, out_jsonl, state_dir, batch_size: int,
     max_new_tokens: int, use_ocr: bool, dtype: str,
 ) -> None:
-    """Answer chunk ``chunk`` of ``n_chunks`` into a resumable working file; publish it only when complete."""
+    """Answer chunk ``chunk`` of ``n_chunks`` (resumable from ``state_dir``); publish it only when complete."""
     questions = chunk_questions(pd.read_parquet(questions_parquet), n_chunks, chunk)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    llava = load_llava_for_inference(checkpoint_dir, device=device, dtype=dtype)
-    started = time.perf_counter()
-    answer_questions(llava.model, llava.tokenizer, llava.image_processor, questions, work_jsonl,
-                     batch_size=batch_size, max_new_tokens=max_new_tokens, use_ocr=use_ocr,
-                     pad_colour=llava.pad_colour)
-    seconds = time.perf_counter() - started
+    _, seconds = _answer_resumably(
+        checkpoint_dir, questions_parquet, questions, out_jsonl, state_dir,
+        settings={"n_chunks": n_chunks, "chunk": chunk}, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        use_ocr=use_ocr, device=device, dtype=dtype,
+    )
     logger.info("%d questions in %.1f s (%s, batch %d, %s)", len(questions), seconds, device, batch_size,
                 prompt_variant(use_ocr))
-    gather_chunks([work_jsonl], out_jsonl, questions["question_id"])
-    os.remove(work_jsonl)

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from hnclip.models import create_clip, default_device, load_clip, save_clip
-from hnclip.provenance import provenance
 from hnclip.io import write_json
+from hnclip.provenance import provenance
+from hnclip.resume import claim_state_dir, job_fingerprint, release_state_dir
 from hnclip.train import distributed
 from hnclip.train.data import read_shards
 from hnclip.train.trainer import Preempted, Trainer, TrainSettings
 
-__all__ = ["Preempted", "TrainSettings", "run_training"]
+__all__ = ["Preempted", "TrainSettings", "run_training", "train_job"]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,10 @@ def run_training(
 ) -> None:
     """Train from ``init_weights`` (None = random init), resuming from ``state_dir`` when it holds a state.
 
-    The final weights, the per-step CSV log and provenance are written only at the end; the resume state stays in
-    ``state_dir``, outside the rule's declared outputs, so Snakemake never deletes it when it cleans a failed job.
+    The final weights, the per-step CSV log and provenance are written only at the end; until then the resume state
+    stays in ``state_dir``, outside the rule's declared outputs, so Snakemake never deletes it when it cleans a
+    failed job. Once the outputs are written the state is removed. Whether the state may be resumed at all is
+    decided before (``train_job``), once for all ranks.
     """
     device = device or default_device()
     rank, _ = distributed.init_from_env()
@@ -67,6 +71,29 @@ def run_training(
         ),
     )
     log.info("wrote %s", out_weights)
+    release_state_dir(state_dir)
+
+
+def training_fingerprint(spec: dict[str, Any]) -> dict[str, Any]:
+    """What determines a training job's weights: its settings, model, initial weights, shards and code."""
+    inputs = [*([spec["init_weights"]] if spec.get("init_weights") else []), *spec["train_shards"],
+              *spec["val_shards"]]
+    return job_fingerprint({"train": spec["settings"], "model_name": spec["model_name"]}, inputs)
+
+
+def train_job(spec: dict[str, Any], gpus: int = 1) -> None:
+    """One rule's training job: keep the resume state only if this very job made it, then train (in this process,
+    or under torchrun with one process per GPU). ``spec`` holds ``run_training``'s keyword arguments, with
+    ``settings`` as a dict."""
+    resuming = claim_state_dir(spec["state_dir"], training_fingerprint(spec))
+    log.info("%s %s", "continuing the state in" if resuming else "starting fresh in", spec["state_dir"])
+    if gpus > 1:
+        spec_path = Path(spec["state_dir"]) / "spec.json"
+        spec_path.write_text(json.dumps(spec, default=str))
+        launch_torchrun(spec_path, gpus)
+    else:
+        spec = dict(spec)
+        run_training(TrainSettings(**spec.pop("settings")), **spec)
 
 
 def launch_torchrun(spec_path: str | Path, n_processes: int) -> None:

@@ -2,14 +2,16 @@
 
     torchrun --standalone --nproc_per_node 4 -m hnclip.train spec.json
 
-``spec.json`` holds the keyword arguments of ``hnclip.train.run_training``, with ``settings`` as a dict.
+``spec.json`` holds the keyword arguments of ``hnclip.train.run_training``, with ``settings`` as a dict. Run by
+hand (not under torchrun) it is a whole job: ``train_job`` first decides whether the state may be resumed.
 """
 
 import json
 import logging
+import os
 import sys
 
-from hnclip.train import TrainSettings, run_training
+from hnclip.train import TrainSettings, run_training, train_job
 
 
 def main(argv: list[str]) -> None:
@@ -17,7 +19,10 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: python -m hnclip.train SPEC.json")
     with open(argv[0]) as handle:
         spec = json.load(handle)
-    settings = TrainSettings(**spec.pop("settings"))
+    if "LOCAL_RANK" not in os.environ:
+        train_job(spec)
+        return
+    settings = TrainSettings(**spec.pop("settings"))  # a torchrun rank: train_job claimed the state already
     run_training(settings, **spec)
 
 
