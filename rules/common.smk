@@ -199,6 +199,8 @@ def finetune_settings(wildcards):
         val_every=f["val_every"],
         val_pairs=f["val_pairs"],
         checkpoint_every=f["checkpoint_every"],
+        micro_batch_size=f["micro_batch_size"],
+        grad_checkpointing=f["grad_checkpointing"],
         loss="hnc",
         **cell_values(wildcards),
     )

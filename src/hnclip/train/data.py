@@ -1,22 +1,29 @@
-"""Training batches from the HNC Parquet shards.
+"""Training batches from the HNC Parquet shards, streamed from disk.
 
-Everything a step needs is prepared once: images are decoded and transformed once into a tensor cache, captions
-are tokenised once into a tensor bank, and a batch is a pure function of (seed, step), so a resumed run sees
-exactly the batches an uninterrupted run would have seen.
+A batch is a pure function of (seed, step): ``BatchPlan`` picks its rows and ``BatchMaker`` turns them into tensors.
+Images are read, decoded and transformed only for the batch that needs them (ahead of the step, in DataLoader worker
+processes when the job has threads to spare); captions are tokenised once into a compact bank of token ids and
+expanded to the model's int64 rows per batch. What stays in memory is a few numbers per image and per caption, so a
+resumed run sees exactly the batches an uninterrupted run would have seen, at any scale.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
-from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+
+from hnclip.evaluate.encode import load_image
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +39,68 @@ def read_shards(paths: Sequence[str | Path]) -> pd.DataFrame:
     pairs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     if pairs.empty:
         raise TrainingDataError(f"no training pairs in {[str(p) for p in paths]}")
+    release_arrow_memory()
     return pairs
 
 
+def release_arrow_memory() -> None:
+    """Hand the memory Arrow's allocator keeps after decoding Parquet and factorising strings back to the system.
+    Otherwise the process holds it for the whole run: ~100 MB beyond the tables themselves at 192 k pairs
+    (bench/train_memory.py), GBs at HNC's 8.2 M."""
+    pa.default_memory_pool().release_unused()
+
+
+class ImageFiles:
+    """Images on disk, read, decoded and transformed only when a batch asks for them."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, index: int) -> torch.Tensor:
+        """One image as the model takes it: [3, H, W] float32 (an unreadable file raises ImageReadError naming it)."""
+        return self.transform(load_image(self.paths[index]))
+
+    def take(self, indices: Sequence[int]) -> torch.Tensor:
+        return torch.stack([self.read(int(i)) for i in indices])
+
+    def decoded_bytes(self) -> int:
+        """Memory all images would take decoded (they share one transform, hence one size: the first's)."""
+        return len(self) * self.read(0).nbytes if len(self) else 0
+
+
+class CachedImages:
+    """Images decoded beforehand into one tensor: for sets small enough to keep (memory grows with their number)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    @classmethod
+    def decode(cls, files: ImageFiles, desc: str = "images") -> "CachedImages":
+        """Every image of ``files`` read once, written straight into one tensor (no list of copies to stack)."""
+        if not len(files):
+            raise ValueError("no images to decode")
+        tensor = None
+        for i in tqdm(range(len(files)), desc=desc, mininterval=5):
+            image = files.read(i)
+            if tensor is None:
+                tensor = torch.empty((len(files), *image.shape), dtype=image.dtype)
+            tensor[i] = image
+        return cls(tensor)
+
+    def __len__(self) -> int:
+        return len(self.tensor)
+
+    def take(self, indices: Sequence[int]) -> torch.Tensor:
+        return self.tensor[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
+
+
 def load_image_tensors(paths: Sequence[str], transform: Callable, desc: str = "images") -> torch.Tensor:
-    """Decode and transform every image once: [n_images, 3, H, W] float32."""
-    tensors = []
-    for path in tqdm(paths, desc=desc, mininterval=5):
-        with Image.open(path) as image:
-            tensors.append(transform(image.convert("RGB")))
-    return torch.stack(tensors)
+    """Decode and transform every image at once: [n_images, 3, H, W] float32. Its memory grows with the number of
+    images, so training streams them instead (``ImageFiles``); this is for small sets and benchmarks."""
+    return CachedImages.decode(ImageFiles(paths, transform), desc=desc).tensor
 
 
 @dataclass
@@ -49,7 +108,7 @@ class PairData:
     """Pairs indexed for batching: image index, positive and negative caption indices per row."""
 
     image_paths: list[str]
-    captions: list[str]
+    captions: Sequence[str] | None  # distinct captions, in pandas' (Arrow) storage; None once tokenised
     row_image: np.ndarray       # [rows] image index of each pair
     row_positive: np.ndarray    # [rows] caption index of the positive
     row_negative: np.ndarray    # [rows] caption index of the hard negative
@@ -65,9 +124,10 @@ class PairData:
         row_image = image_codes.astype(np.int64)
         order = np.argsort(row_image, kind="stable")
         bounds = np.searchsorted(row_image[order], np.arange(len(image_ids) + 1))
+        release_arrow_memory()
         return cls(
             image_paths=list(first_path.to_numpy()),
-            captions=list(captions),
+            captions=captions,
             row_image=row_image,
             row_positive=caption_codes[:n].astype(np.int64),
             row_negative=caption_codes[n:].astype(np.int64),
@@ -78,6 +138,11 @@ class PairData:
     @property
     def n_images(self) -> int:
         return len(self.image_paths)
+
+    def without_caption_text(self) -> "PairData":
+        """The same index without the caption strings, for when they are tokenised: the text takes more memory than
+        its tokens (~1 GB for HNC's 16 M captions) and batching needs only caption indices."""
+        return dataclasses.replace(self, captions=None)
 
 
 @dataclass
@@ -137,27 +202,224 @@ class BatchPlan:
         return extra
 
 
+@dataclass(frozen=True)
+class StepRows:
+    """One step's rows for one rank: the images to read and the captions that go with them."""
+
+    step: int
+    images: np.ndarray     # [n] image index
+    positives: np.ndarray  # [n] caption index
+    hard: np.ndarray       # [n, K] caption indices
+    extra: np.ndarray      # [n, M] caption indices
+
+
 class BatchMaker:
-    """Turns a plan's rows into tensors from the image cache and the caption bank."""
+    """Turns a plan's rows into tensors: images from files read on demand (or a decoded cache), captions from a
+    compact token bank expanded to the model's int64 rows for this batch only."""
 
-    def __init__(self, plan: BatchPlan, image_cache: torch.Tensor, caption_tokens: torch.Tensor):
-        self.plan, self.image_cache, self.caption_tokens = plan, image_cache, caption_tokens
+    def __init__(
+        self,
+        plan: BatchPlan,
+        images: ImageFiles | CachedImages | torch.Tensor,
+        captions: CaptionBank | torch.Tensor,
+    ):
+        self.plan = plan
+        self.images = CachedImages(images) if isinstance(images, torch.Tensor) else images
+        self.captions = captions if isinstance(captions, CaptionBank) else CaptionBank.from_tokens(captions)
 
-    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
+    def rows(self, step: int, rank: int = 0, world_size: int = 1) -> StepRows:
+        """The plan's rows of ``step``, cut to ``rank``'s contiguous share of the global batch."""
         images, positives, hard, extra = self.plan.rows(step)
         local = slice(rank * len(images) // world_size, (rank + 1) * len(images) // world_size)
-        images, positives, hard, extra = images[local], positives[local], hard[local], extra[local]
-        tokens = self.caption_tokens
+        return StepRows(step, images[local], positives[local], hard[local], extra[local])
+
+    def assemble(self, rows: StepRows, images: torch.Tensor) -> Batch:
+        """The batch of ``rows`` around its images, already read."""
+        tokens = self.captions.take
         return Batch(
-            images=self.image_cache[torch.from_numpy(images)],
-            texts=tokens[torch.from_numpy(positives)],
-            hard_negatives=tokens[torch.from_numpy(hard)],
-            extra_negatives=tokens[torch.from_numpy(extra)] if extra.shape[1] else None,
-            image_ids=torch.from_numpy(images),
+            images=images,
+            texts=tokens(rows.positives),
+            hard_negatives=tokens(rows.hard),
+            extra_negatives=tokens(rows.extra) if rows.extra.shape[1] else None,
+            image_ids=torch.from_numpy(rows.images),
         )
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Batch:
+        """The batch of ``step`` for ``rank``, read here and now."""
+        rows = self.rows(step, rank, world_size)
+        return self.assemble(rows, self.images.take(rows.images))
+
+    def stream(
+        self, start: int, stop: int, rank: int = 0, world_size: int = 1, *, num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> Iterator[Batch]:
+        """The batches of steps ``start`` .. ``stop - 1`` in order, equal to ``batch(step, rank, world_size)``.
+
+        The plan runs here; ``num_workers`` loader processes read each step's images ahead of it (0 = read here, when
+        the step asks). Closing the generator stops the workers.
+        """
+        requests = _Requests(lambda: self._step_requests(start, stop, rank, world_size), length=max(0, stop - start))
+        for rows, images in image_loader(self.images, requests, num_workers=num_workers, pin_memory=pin_memory):
+            yield self.assemble(rows, images)
+
+    def _step_requests(self, start: int, stop: int, rank: int, world_size: int) -> Iterator[tuple[StepRows, Any]]:
+        for step in range(start, stop):
+            rows = self.rows(step, rank, world_size)
+            yield rows, rows.images
+
+
+# ---- images read by DataLoader workers ------------------------------------------------------------------------------
+class _Requests:
+    """What the loader reads, in order: (payload, image indices) pairs, made lazily in this process."""
+
+    def __init__(self, make: Callable[[], Iterator[tuple[Any, np.ndarray]]], length: int):
+        self.make, self.length = make, length
+
+    def __iter__(self) -> Iterator[tuple[Any, np.ndarray]]:
+        return self.make()
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class _ImagesOfRequest(Dataset):
+    """Worker side: a request (payload, indices) gives back (payload, images [n, 3, H, W])."""
+
+    def __init__(self, images: ImageFiles | CachedImages):
+        self.images = images
+
+    def __getitem__(self, request: tuple[Any, np.ndarray]) -> tuple[Any, torch.Tensor]:
+        payload, indices = request
+        return payload, self.images.take(indices)
+
+
+def _as_read(sample):
+    # the worker already returns whole batches: nothing to collate
+    return sample
+
+
+def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
+    # SLURM signals every process of the job; a worker killed by SIGTERM would make the trainer fail in the middle of
+    # a step instead of saving its state. Workers stop when the trainer closes the loader or exits.
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def image_loader(
+    images: ImageFiles | CachedImages, requests: Iterable[tuple[Any, np.ndarray]], *, num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A loader yielding (payload, images) for each request in order, read by ``num_workers`` processes ahead of
+    the consumer (0 = read in this process when asked), pinned for an asynchronous copy to the GPU if asked."""
+    return DataLoader(
+        _ImagesOfRequest(images),
+        batch_size=None,
+        sampler=requests,
+        num_workers=num_workers,
+        collate_fn=_as_read,
+        pin_memory=pin_memory,
+        worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None,
+    )
+
+
+def image_batches(
+    images: ImageFiles | CachedImages, batch_size: int, *, num_workers: int = 0, pin_memory: bool = False,
+) -> Iterator[torch.Tensor]:
+    """All images in order, ``batch_size`` at a time: [b, 3, H, W] float32."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, len(images), batch_size)
+    requests = _Requests(lambda: ((None, np.arange(i, min(i + batch_size, len(images)))) for i in starts),
+                         length=len(starts))
+    for _, batch in image_loader(images, requests, num_workers=num_workers, pin_memory=pin_memory):
+        yield batch
+
+
+# ---- caption tokens ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CaptionBank:
+    """Token ids of every caption, each trimmed after its last non-zero id and stored end to end in the smallest
+    integer type that holds the vocabulary (uint16 for CLIP's 49,408 ids): ~2 bytes a token instead of 8 x context.
+
+    ``take`` gives the model's [..., context] int64 rows back, zero-padded exactly as the tokenizer made them.
+    """
+
+    tokens: np.ndarray   # [total tokens] uint16 / int32 / int64
+    offsets: np.ndarray  # [n + 1] int64: caption i is tokens[offsets[i] : offsets[i + 1]]
+    context_length: int
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + self.offsets.nbytes
+
+    @classmethod
+    def from_tokens(cls, rows: torch.Tensor | np.ndarray) -> "CaptionBank":
+        """The bank of token rows [n, context] as a tokenizer returns them."""
+        rows = rows.numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+        if rows.ndim != 2:
+            raise ValueError(f"token rows must be [n, context], not shape {rows.shape}")
+        lengths = _lengths_without_trailing_zeros(rows)
+        kept = rows[np.arange(rows.shape[1]) < lengths[:, None]]  # row by row, in order
+        return cls(
+            tokens=kept.astype(_smallest_id_type(kept)),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            context_length=rows.shape[1],
+        )
+
+    @classmethod
+    def tokenize(cls, tokenizer: Callable, captions: Sequence[str], chunk: int = 4096) -> "CaptionBank":
+        """Tokenise every caption once, ``chunk`` at a time, so no [n, context] int64 table is ever whole."""
+        parts = [cls.from_tokens(tokenizer(list(captions[i : i + chunk]))) for i in range(0, len(captions), chunk)]
+        if not parts:
+            return cls(np.zeros(0, np.uint16), np.zeros(1, np.int64), int(getattr(tokenizer, "context_length", 0)))
+        return cls.concatenate(parts)
+
+    @classmethod
+    def concatenate(cls, banks: Sequence["CaptionBank"]) -> "CaptionBank":
+        widths = {bank.context_length for bank in banks}
+        if len(widths) != 1:
+            raise ValueError(f"caption banks of different context lengths {sorted(widths)} cannot be joined")
+        ends = np.cumsum([0] + [bank.offsets[-1] for bank in banks[:-1]])
+        return cls(
+            tokens=np.concatenate([bank.tokens for bank in banks]),  # the widest id type of the parts
+            offsets=np.concatenate([[0]] + [bank.offsets[1:] + end for bank, end in zip(banks, ends)]).astype(np.int64),
+            context_length=widths.pop(),
+        )
+
+    def take(self, index: np.ndarray | Sequence[int]) -> torch.Tensor:
+        """Token rows of the captions ``index`` (any shape): int64 [*index.shape, context]."""
+        index = np.asarray(index, dtype=np.int64)
+        flat = index.reshape(-1)
+        starts = self.offsets[flat]
+        lengths = self.offsets[flat + 1] - starts
+        columns = np.arange(self.context_length)
+        inside = columns < lengths[:, None]
+        rows = np.zeros((len(flat), self.context_length), dtype=np.int64)
+        rows[inside] = self.tokens[(starts[:, None] + columns)[inside]]
+        return torch.from_numpy(rows).reshape(*index.shape, self.context_length)
+
+
+def _lengths_without_trailing_zeros(rows: np.ndarray) -> np.ndarray:
+    nonzero = rows != 0
+    last = rows.shape[1] - np.argmax(nonzero[:, ::-1], axis=1)
+    return np.where(nonzero.any(axis=1), last, 0).astype(np.int64)
+
+
+def _smallest_id_type(ids: np.ndarray) -> type:
+    if ids.size == 0:
+        return np.uint16
+    low, high = int(ids.min()), int(ids.max())
+    for kind in (np.uint16, np.int32):
+        if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max:
+            return kind
+    return np.int64
 
 
 def tokenize_all(tokenizer: Callable, captions: Sequence[str], chunk: int = 4096) -> torch.Tensor:
-    """Tokenise every caption once: [n_captions, context_length]."""
+    """Tokenise every caption at once: [n_captions, context_length] int64. Small sets only (validation,
+    benchmarks); training keeps its captions in a ``CaptionBank``."""
     parts = [tokenizer(list(captions[i : i + chunk])) for i in range(0, len(captions), chunk)]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)

@@ -6,16 +6,15 @@ It serves both the demo's baseline pre-training (plain CLIP loss on positives) a
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
-import dataclasses
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -26,7 +25,11 @@ from hnclip.io import atomic_path
 from hnclip.losses import hard_negative_accuracy, hnc_contrastive_loss, plain_clip_loss
 from hnclip.train import distributed
 from hnclip.train.checkpoint import load_state, save_state
-from hnclip.train.data import BatchMaker, BatchPlan, PairData, load_image_tensors, tokenize_all
+from hnclip.train.data import (
+    Batch, BatchMaker, BatchPlan, CachedImages, CaptionBank, ImageFiles, PairData, image_batches, release_arrow_memory,
+    tokenize_all,
+)
+from hnclip.train.microbatch import micro_batched_backward, set_activation_checkpointing
 from hnclip.train.text import encode_text_by_length
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,9 @@ class TrainSettings:
     val_every: int = 100
     val_pairs: int = 500
     checkpoint_every: int = 100
+    # rows per micro-batch (None: the whole batch at once); the loss and gradient stay the whole batch's (GradCache)
+    micro_batch_size: int | None = None
+    grad_checkpointing: bool = False  # recompute each block's activations in backward: memory for compute
 
 
 def learning_rate(step: int, settings: TrainSettings) -> float:
@@ -85,6 +91,28 @@ def trainable_parameters(model: torch.nn.Module, towers: str) -> list[torch.nn.P
     return selected
 
 
+MAX_LOADER_WORKERS = 8
+# The demo's 6,000 images take 74 MB decoded and are each read ~30 times over its 3,000 baseline steps: decoding them
+# once keeps it as fast as before. HNC's 67,807 images (92 GB) are read from disk per batch.
+DEFAULT_IMAGE_CACHE_BYTES = 1 << 30
+
+
+def default_loader_workers(device: torch.device) -> int:
+    """Image-loading processes for a job: its threads but the one that runs the step.
+
+    A one-thread job on the CPU (the demo) gets none: images are read in the step's own process, as a worker would
+    only add a process to share the same core. On a GPU there is at least one, so the card never waits for decoding.
+    torchrun gives each rank one thread unless told otherwise; there a rank's share of the node's CPUs counts instead.
+    """
+    threads = torch.get_num_threads()
+    ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if ranks_on_node > 1 and threads == 1:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cpus // ranks_on_node)
+    spare = min(threads - 1, MAX_LOADER_WORKERS)
+    return max(spare, 1) if device.type == "cuda" else spare
+
+
 class Trainer:
     def __init__(
         self,
@@ -96,16 +124,23 @@ class Trainer:
         val_pairs: pd.DataFrame | None,
         state_dir: str | Path,
         device: str = "cpu",
+        num_workers: int | None = None,
+        image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES,
     ):
+        """``num_workers``: processes that read images ahead of the step (None = ``default_loader_workers``,
+        0 = read them in this process when the step asks). ``image_cache_bytes``: the training images are decoded
+        once and kept when all of them fit in this many bytes, else read from disk per batch (0: always from disk)."""
         self.settings, self.model, self.device = settings, model.to(device), torch.device(device)
         self.tokenizer, self.preprocess = tokenizer, preprocess
         self.train_pairs, self.val_pairs = train_pairs, val_pairs
         self.state_dir = Path(state_dir)
         self.log_path = self.state_dir / "train_log.csv"
         self.rank, self.world_size = distributed.rank_and_world()
+        self.num_workers = default_loader_workers(self.device) if num_workers is None else num_workers
+        self.image_cache_bytes = image_cache_bytes
         self._stop_signal: int | None = None
-        self._prefetch: concurrent.futures.ThreadPoolExecutor | None = None
-        self._next: tuple[int, concurrent.futures.Future] | None = None
+        self._stream: Iterator[Batch] | None = None
+        self._stream_step: int | None = None  # the step the open stream yields next
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def setup(self) -> int:
@@ -113,6 +148,8 @@ class Trainer:
         torch.manual_seed(self.settings.seed)
         self._setup_data()
         self.parameters = trainable_parameters(self.model, self.settings.train_towers)
+        if self.settings.grad_checkpointing:
+            set_activation_checkpointing(self.model)
         # the fused kernel: 5x faster than the per-tensor loop on the CPU, and on CUDA too
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=self.settings.lr, weight_decay=self.settings.weight_decay, fused=True
@@ -128,11 +165,30 @@ class Trainer:
         s = self.settings
         data = PairData.from_pairs(self.train_pairs)
         log.info("train: %d pairs on %d images, %d captions", len(self.train_pairs), data.n_images, len(data.captions))
-        images = load_image_tensors(data.image_paths, self.preprocess, desc="train images")
-        captions = tokenize_all(self.tokenizer, data.captions)
+        captions = CaptionBank.tokenize(self.tokenizer, data.captions)
+        data = data.without_caption_text()
+        log.info("caption tokens: %.1f MB (%s ids)", captions.nbytes / 1e6, captions.tokens.dtype)
         plan = BatchPlan(data, s.batch_size, s.seed, s.hard_negatives_per_image, s.extra_random_negatives)
-        self.batches = BatchMaker(plan, images, captions)
+        self.batches = BatchMaker(plan, self._training_images(data.image_paths), captions)
         self.val = self._setup_validation() if self.val_pairs is not None else None
+        self._release_pair_tables()
+
+    def _training_images(self, paths: list[str]) -> ImageFiles | CachedImages:
+        """Decoded once and kept if they all fit in ``image_cache_bytes``, else read from disk per batch."""
+        files = ImageFiles(paths, self.preprocess)
+        needed = files.decoded_bytes()
+        if needed > self.image_cache_bytes:
+            log.info("train images: %.0f MB decoded, over the %.0f MB cache: read per batch by %d loader workers",
+                     needed / 1e6, self.image_cache_bytes / 1e6, self.num_workers)
+            return files
+        log.info("train images: %.0f MB decoded, kept in memory", needed / 1e6)
+        return CachedImages.decode(files, desc="train images")
+
+    def _release_pair_tables(self) -> None:
+        """Once indexed, tokenised and sampled, the pair tables are dead weight for the rest of the run (GBs at
+        8.2 M pairs); ``setup`` runs once."""
+        self.train_pairs = self.val_pairs = None
+        release_arrow_memory()
 
     def _setup_validation(self) -> dict:
         """A fixed subset of val pairs (independent of the cell's seed, so every cell is validated alike)."""
@@ -142,7 +198,7 @@ class Trainer:
         image_codes, image_ids = pd.factorize(pairs["image_id"])
         paths = pairs.groupby(image_codes, sort=True)["image_path"].first().tolist()
         return {
-            "images": load_image_tensors(paths, self.preprocess, desc="val images"),
+            "images": ImageFiles(paths, self.preprocess),  # read a batch at a time by validate()
             "image_index": torch.from_numpy(image_codes.astype(np.int64)),
             "positive": tokenize_all(self.tokenizer, pairs["positive"].tolist()),
             "negative": tokenize_all(self.tokenizer, pairs["negative"].tolist()),
@@ -154,15 +210,18 @@ class Trainer:
         self._install_signal_handlers()
         progress = tqdm(range(start, self.settings.steps), initial=start, total=self.settings.steps,
                         desc="train", mininterval=10, disable=self.rank != 0)
-        for step in progress:
-            row = self.step(step)
-            if (step + 1) % self.settings.val_every == 0 or step + 1 == self.settings.steps:
-                row["val_pairwise_accuracy"] = self.validate()
-            self._append_log(row)
-            if (step + 1) % self.settings.checkpoint_every == 0 or self._stop_signal is not None:
-                self.save_checkpoint(step + 1)
-            if self._stop_signal is not None:
-                raise Preempted(step + 1, self._stop_signal)
+        try:
+            for step in progress:
+                row = self.step(step)
+                if (step + 1) % self.settings.val_every == 0 or step + 1 == self.settings.steps:
+                    row["val_pairwise_accuracy"] = self.validate()
+                self._append_log(row)
+                if (step + 1) % self.settings.checkpoint_every == 0 or self._stop_signal is not None:
+                    self.save_checkpoint(step + 1)
+                if self._stop_signal is not None:
+                    raise Preempted(step + 1, self._stop_signal)
+        finally:
+            self.close_stream()
         self.save_checkpoint(self.settings.steps)
 
     def step(self, step: int) -> dict:
@@ -172,11 +231,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = self._batch(step)
-        with self._autocast():
-            features = self._encode_batch(batch)
-            loss, parts = self._loss(features)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, parts, features = self._forward_backward(batch)
         distributed.average_gradients(self.parameters)
         torch.nn.utils.clip_grad_norm_(self.parameters, s.grad_clip)
         self.optimizer.step()
@@ -193,23 +249,63 @@ class Trainer:
             "val_pairwise_accuracy": "",
         }
 
-    def _batch(self, step: int):
-        """The step's batch. On a GPU the next step's batch is gathered and pinned by a helper thread meanwhile, so
-        the card never waits for the host's copies (batches are a pure function of the step: order is unchanged)."""
-        if self.device.type != "cuda":
-            return self.batches.batch(step, self.rank, self.world_size)
-        if self._prefetch is None:
-            self._prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        if self._next is not None and self._next[0] == step:
-            batch = self._next[1].result()
-        else:
-            batch = self._pinned_batch(step)
-        self._next = (step + 1, self._prefetch.submit(self._pinned_batch, step + 1))
+    def _forward_backward(self, batch: Batch) -> tuple[torch.Tensor, dict, dict]:
+        """The batch's loss, its parts and features; the gradients accumulate in ``.grad``. With
+        ``micro_batch_size`` only that many rows hold an autograd graph at once, and the loss is still the whole
+        batch's (every row's denominator holds all of the batch's captions and hard negatives)."""
+        s = self.settings
+        if s.micro_batch_size is None:
+            with self._autocast():
+                features = self._encode_batch(batch)
+                loss, parts = self._loss(features)
+            loss.backward()
+            return loss, parts, features
+        result = micro_batched_backward(
+            images=batch.images, texts=batch.texts,
+            hard_negatives=batch.hard_negatives if self._uses_hard_negatives else None,
+            extra_negatives=batch.extra_negatives, image_ids=batch.image_ids,
+            encode_images=lambda images: self.model.encode_image(self._to_device(images)),
+            encode_texts=lambda tokens: encode_text_by_length(self.model, tokens),
+            loss_from_features=self._loss, micro_batch_size=s.micro_batch_size, forward_context=self._autocast,
+        )
+        return result.loss, result.parts, result.features
+
+    @property
+    def _uses_hard_negatives(self) -> bool:
+        # the plain CLIP loss (demo baseline) and alpha = 0 (the control) give hard negatives no weight: do not pay
+        # to encode them
+        return self.settings.loss == "hnc" and self.settings.alpha > 0
+
+    def _batch(self, step: int) -> Batch:
+        """The step's batch, from a stream whose loader workers read the next steps' images meanwhile (pinned on a
+        GPU, so the copy to the card is asynchronous and the card never waits for the host).
+
+        A batch is a pure function of the step, so where the stream starts never changes what a step sees: it opens
+        at the first step asked for (0, or the resumed step) and again whenever a caller jumps to another step.
+        """
+        if self._stream is None or self._stream_step != step:
+            self._open_stream(step)
+        batch = next(self._stream)
+        self._stream_step = step + 1
         return batch
 
-    def _pinned_batch(self, step: int):
-        batch = self.batches.batch(step, self.rank, self.world_size)
-        return dataclasses.replace(batch, images=batch.images.pin_memory())
+    def _open_stream(self, step: int) -> None:
+        self.close_stream()
+        self._stream = self.batches.stream(
+            step, max(step + 1, self.settings.steps), self.rank, self.world_size,
+            num_workers=self.num_workers, pin_memory=self._pins_memory,
+        )
+        self._stream_step = step
+
+    def close_stream(self) -> None:
+        """Stop the loader workers (they would otherwise wait, holding read-ahead batches, until the process ends)."""
+        if self._stream is not None:
+            self._stream.close()
+        self._stream, self._stream_step = None, None
+
+    @property
+    def _pins_memory(self) -> bool:
+        return self.device.type == "cuda"
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         # pinned (on a GPU): the copy runs asynchronously instead of blocking the host
@@ -218,10 +314,7 @@ class Trainer:
     def _encode_batch(self, batch) -> dict[str, torch.Tensor]:
         """Encode every text of the batch in one call, then gather all ranks' rows (with gradient)."""
         n = batch.texts.shape[0]
-        # the plain CLIP loss (demo baseline) and alpha = 0 (the control) give hard negatives no weight: do not pay
-        # to encode them
-        uses_hard = self.settings.loss == "hnc" and self.settings.alpha > 0
-        k = batch.hard_negatives.shape[1] if uses_hard else 0
+        k = batch.hard_negatives.shape[1] if self._uses_hard_negatives else 0
         m = 0 if batch.extra_negatives is None else batch.extra_negatives.shape[1]
         texts = [batch.texts, batch.hard_negatives[:, :k].flatten(0, 1)]
         if m:
@@ -268,13 +361,21 @@ class Trainer:
             return float("nan")
         self.model.eval()
         with self._autocast():
-            images = torch.nn.functional.normalize(self.model.encode_image(self.val["images"].to(self.device)), dim=-1)
+            images = self._encode_normalised_val_images()
             positive = self._encode_normalised_text(self.val["positive"])
             negative = self._encode_normalised_text(self.val["negative"])
         self.model.train()
         image = images[self.val["image_index"].to(self.device)]
         correct = (image * positive).sum(-1) > (image * negative).sum(-1)
         return float(correct.float().mean())
+
+    def _encode_normalised_val_images(self) -> torch.Tensor:
+        """Features of the val images, read and encoded a training batch at a time (a size the card is known to hold),
+        so no more than a batch of images is ever in memory."""
+        batches = image_batches(self.val["images"], self.settings.batch_size, num_workers=self.num_workers,
+                                pin_memory=self._pins_memory)
+        return torch.cat([torch.nn.functional.normalize(self.model.encode_image(self._to_device(images)), dim=-1)
+                          for images in batches])
 
     def _encode_normalised_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(encode_text_by_length(self.model, tokens), dim=-1)
