@@ -3,12 +3,10 @@
 import pandas as pd
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
 
 from hnclip.models import create_clip
 from hnclip.train.trainer import Trainer, TrainSettings
+from tests.unit.gloo_ranks import run_two_ranks
 from tests.unit.test_train import _settings, _write_pairs
 
 
@@ -28,31 +26,16 @@ def _loss_and_gradients(shard, state_dir, rank=0, world_size=1):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _worker(rank, shard, tmp):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
-    try:
-        loss, grads = _loss_and_gradients(shard, f"{tmp}/state{rank}", rank, 2)
-        save_file({"loss": loss.reshape(1), **{f"grad.{k}": v for k, v in grads.items()}}, f"{tmp}/rank{rank}.safetensors")
-    finally:
-        dist.destroy_process_group()
+def _rank_loss_and_gradients(rank, shard, tmp):
+    return _loss_and_gradients(shard, f"{tmp}/state{rank}", rank, 2)
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     shard = _write_pairs(tmp_path)
     single_loss, single_grads = _loss_and_gradients(shard, tmp_path / "single")
-    context = mp.get_context("spawn")
-    processes = [context.Process(target=_worker, args=(r, shard, tmp_path)) for r in range(2)]
-    for p in processes:
-        p.start()
-    for p in processes:
-        p.join(timeout=300)
-        assert p.exitcode == 0
-    for rank in range(2):
-        saved = load_file(tmp_path / f"rank{rank}.safetensors")
-        grads = {k[len("grad."):]: v for k, v in saved.items() if k.startswith("grad.")}
-        torch.testing.assert_close(saved["loss"][0], single_loss, rtol=1e-6, atol=1e-6)
+    for loss, grads in run_two_ranks(_rank_loss_and_gradients, tmp_path, shard, tmp_path):
+        torch.testing.assert_close(loss, single_loss, rtol=1e-6, atol=1e-6)
         assert grads.keys() == single_grads.keys()
         for name in grads:
             torch.testing.assert_close(grads[name], single_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -7,9 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
 
 import open_clip.transformer
 from hnclip.losses import hnc_contrastive_loss, plain_clip_loss
@@ -17,6 +14,7 @@ from hnclip.models import create_clip
 from hnclip.train import distributed
 from hnclip.train.microbatch import micro_batched_backward, set_activation_checkpointing
 from hnclip.train.text import encode_text_by_length
+from tests.unit.gloo_ranks import run_two_ranks
 
 ROWS = 6
 TAU = 0.07
@@ -337,37 +335,23 @@ def test_activation_checkpointing_needs_an_open_clip_model():
 
 
 # ---- torchrun: two gloo ranks ----------------------------------------------------------------------------------------
-def _two_rank_worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        model, _, tokenizer = create_clip("hnclip-tiny")
-        model = model.double().train()
-        rows = _rows(tokenizer, k=2, m=1, alpha=2.0, repeated_ids=True).local(3 * rank, 3 * rank + 3)
-        result, _ = _micro_batched(model, rows, 2.0, micro_batch_size=2)  # 3 local rows: does not divide
-        distributed.average_gradients([p for p in model.parameters() if p.requires_grad])
-        save_file({"loss": result.loss.reshape(1), **{f"grad.{k}": v for k, v in _gradients(model).items()}},
-                  f"{tmp}/rank{rank}.safetensors")
-    finally:
-        dist.destroy_process_group()
+def _rank_micro_batched(rank: int):
+    torch.manual_seed(0)
+    model, _, tokenizer = create_clip("hnclip-tiny")
+    model = model.double().train()
+    rows = _rows(tokenizer, k=2, m=1, alpha=2.0, repeated_ids=True).local(3 * rank, 3 * rank + 3)
+    result, _ = _micro_batched(model, rows, 2.0, micro_batch_size=2)  # 3 local rows: does not divide
+    distributed.average_gradients([p for p in model.parameters() if p.requires_grad])
+    return result.loss, _gradients(model)
 
 
 @pytest.mark.slow
 def test_two_ranks_give_the_single_process_whole_batch_gradients(tiny, model, tmp_path):
     rows = _rows(tiny[1], k=2, m=1, alpha=2.0, repeated_ids=True)
     loss, _, expected = _whole_batch(model, rows, 2.0)
-    context = mp.get_context("spawn")
-    processes = [context.Process(target=_two_rank_worker, args=(rank, str(tmp_path))) for rank in range(2)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=300)
-        assert process.exitcode == 0
-    for rank in range(2):
-        saved = load_file(tmp_path / f"rank{rank}.safetensors")
-        torch.testing.assert_close(saved["loss"][0], loss, **TIGHT)
-        _assert_same_gradients({k[len("grad."):]: v for k, v in saved.items() if k.startswith("grad.")}, expected)
+    for rank_loss, rank_gradients in run_two_ranks(_rank_micro_batched, tmp_path):
+        torch.testing.assert_close(rank_loss, loss, **TIGHT)
+        _assert_same_gradients(rank_gradients, expected)
 
 
 # ---- in the trainer ------------------------------------------------------------------------------------------------
