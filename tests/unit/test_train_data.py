@@ -150,8 +150,11 @@ def test_an_unreadable_image_names_its_file(tmp_path, clip, num_workers):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     files = ImageFiles([str(broken)], clip[1])
+    before = set(multiprocessing.active_children())
     with pytest.raises(ImageReadError, match="broken.jpg"):
         list(image_batches(files, 1, num_workers=num_workers))
+    # the worker ignores SIGTERM: one left waiting would keep the process from exiting
+    assert set(multiprocessing.active_children()) <= before
 
 
 def test_image_batches_cover_every_image_in_order(data, clip):

@@ -259,7 +259,7 @@ class BatchMaker:
         the step asks). Closing the generator stops the workers.
         """
         requests = _Requests(lambda: self._step_requests(start, stop, rank, world_size), length=max(0, stop - start))
-        for rows, images in image_loader(self.images, requests, num_workers=num_workers, pin_memory=pin_memory):
+        for rows, images in read_in_order(self.images, requests, num_workers=num_workers, pin_memory=pin_memory):
             yield self.assemble(rows, images)
 
     def _step_requests(self, start: int, stop: int, rank: int, world_size: int) -> Iterator[tuple[StepRows, Any]]:
@@ -305,13 +305,18 @@ def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def image_loader(
+def read_in_order(
     images: ImageFiles | CachedImages, requests: Iterable[tuple[Any, np.ndarray]], *, num_workers: int = 0,
     pin_memory: bool = False,
-) -> DataLoader:
-    """A loader yielding (payload, images) for each request in order, read by ``num_workers`` processes ahead of
-    the consumer (0 = read in this process when asked), pinned for an asynchronous copy to the GPU if asked."""
-    return DataLoader(
+) -> Iterator[tuple[Any, torch.Tensor]]:
+    """(payload, images) for each request in order, read by ``num_workers`` processes ahead of the consumer (0 = read
+    in this process when asked), pinned for an asynchronous copy to the GPU if asked.
+
+    The workers are shut down however the reading ends: exhausted, closed, or stopped by an error (an unreadable
+    image). They ignore SIGTERM, so one left waiting for work would keep the process from ever exiting:
+    multiprocessing's exit handler stops daemonic children with SIGTERM, then joins them.
+    """
+    batches = iter(DataLoader(
         _ImagesOfRequest(images),
         batch_size=None,
         sampler=requests,
@@ -319,19 +324,26 @@ def image_loader(
         collate_fn=_as_read,
         pin_memory=pin_memory,
         worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None,
-    )
+    ))
+    try:
+        yield from batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # the multi-process iterator's own clean-up
+        if shutdown is not None:
+            shutdown()
 
 
 def image_batches(
     images: ImageFiles | CachedImages, batch_size: int, *, num_workers: int = 0, pin_memory: bool = False,
 ) -> Iterator[torch.Tensor]:
-    """All images in order, ``batch_size`` at a time: [b, 3, H, W] float32."""
+    """All images in order, ``batch_size`` at a time: [b, 3, H, W] float32. A consumer that may stop early closes
+    it (``contextlib.closing``), which stops the loader's workers at once."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     starts = range(0, len(images), batch_size)
     requests = _Requests(lambda: ((None, np.arange(i, min(i + batch_size, len(images)))) for i in starts),
                          length=len(starts))
-    for _, batch in image_loader(images, requests, num_workers=num_workers, pin_memory=pin_memory):
+    for _, batch in read_in_order(images, requests, num_workers=num_workers, pin_memory=pin_memory):
         yield batch
 
 

@@ -6,6 +6,7 @@ It serves both the demo's baseline pre-training (plain CLIP loss on positives) a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -374,8 +375,9 @@ class Trainer:
         so no more than a batch of images is ever in memory."""
         batches = image_batches(self.val["images"], self.settings.batch_size, num_workers=self.num_workers,
                                 pin_memory=self._pins_memory)
-        return torch.cat([torch.nn.functional.normalize(self.model.encode_image(self._to_device(images)), dim=-1)
-                          for images in batches])
+        with contextlib.closing(batches):  # an error while encoding must not leave the loader's workers waiting
+            return torch.cat([torch.nn.functional.normalize(self.model.encode_image(self._to_device(images)), dim=-1)
+                              for images in batches])
 
     def _encode_normalised_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(encode_text_by_length(self.model, tokens), dim=-1)
