@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 TRACKED_PACKAGES = (
     "hnclip", "torch", "torchvision", "open_clip_torch", "transformers", "tokenizers",
@@ -66,12 +66,14 @@ def provenance(
     seed: int | None = None,
     inputs: Iterable[str | os.PathLike] = (),
     checksum_inputs: bool = False,
+    input_digests: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """The provenance block stored under ``"provenance"`` in every result file.
 
     ``inputs`` are listed by path; with ``checksum_inputs`` each file's sha256 is recorded too
-    (for small inputs: shards, checkpoints; not the 20 GB image archive).
+    (for small inputs: shards, checkpoints; not the 20 GB image archive). ``input_digests`` ({path: sha256}, as a
+    job's resume fingerprint already holds them) is recorded as it is, instead of reading the files again.
     """
     record: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -84,7 +86,9 @@ def provenance(
     if seed is not None:
         record["seed"] = seed
     input_list = [str(p) for p in inputs]
-    if input_list:
+    if input_digests is not None:
+        record["inputs"] = dict(input_digests)
+    elif input_list:
         record["inputs"] = (
             {p: sha256_file(p) for p in input_list if Path(p).is_file()} if checksum_inputs else input_list
         )

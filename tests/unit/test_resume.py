@@ -19,6 +19,7 @@ from hnclip.resume import (
     release_state_dir,
     source_digest,
 )
+from hnclip.provenance import sha256_file
 from hnclip.train import train_job
 from hnclip.train.trainer import Trainer
 from tests.unit.test_train import _settings, _write_pairs
@@ -176,6 +177,7 @@ def test_an_interrupted_job_with_unchanged_inputs_resumes_bit_identically(shard,
     with caplog.at_level(logging.INFO):
         train_job(spec)
     assert "continuing the state in" in caplog.text and "resuming from" in caplog.text
+    assert caplog.text.count("saved resume state at step 12") == 1  # the last checkpoint is the final state
     _assert_same_weights(_weights(spec), reference["lr1e-3"])
     assert not Path(spec["state_dir"]).exists()  # finished: nothing left to resume
     assert pd.read_csv(spec["out_log"])["step"].tolist() == list(range(1, 13))
@@ -215,6 +217,9 @@ def test_a_forced_rerun_of_a_finished_job_trains_again(shard, tmp_path, caplog):
         train_job(spec)
     assert "starting fresh in" in caplog.text and "resuming from" not in caplog.text
     _assert_same_weights(_weights(spec), first)
+    # the provenance records the digests the fingerprint took, and they are the files' own
+    recorded = json.loads(Path(spec["out_provenance"]).read_text())["inputs"]
+    assert recorded == {path: sha256_file(path) for path in [*spec["train_shards"], *spec["val_shards"]]}
 
 
 def test_a_state_from_another_code_version_is_set_aside(shard, tmp_path, monkeypatch, caplog):

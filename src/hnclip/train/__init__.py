@@ -36,13 +36,15 @@ def run_training(
     out_provenance: str | Path,
     config: dict | None = None,
     device: str | None = None,
+    input_digests: dict[str, str] | None = None,
 ) -> None:
     """Train from ``init_weights`` (None = random init), resuming from ``state_dir`` when it holds a state.
 
     The final weights, the per-step CSV log and provenance are written only at the end; until then the resume state
     stays in ``state_dir``, outside the rule's declared outputs, so Snakemake never deletes it when it cleans a
     failed job. Once the outputs are written the state is removed. Whether the state may be resumed at all is
-    decided before (``train_job``), once for all ranks.
+    decided before (``train_job``), once for all ranks; ``input_digests`` are the sha256 of the inputs it
+    computed then, for the provenance (without them the inputs are read again to digest them).
     """
     device = device or default_device()
     rank, _ = distributed.init_from_env()
@@ -67,7 +69,7 @@ def run_training(
         out_provenance,
         provenance(
             config, seed=settings.seed, inputs=[*train_shards, *val_shards, *([init_weights] if init_weights else [])],
-            checksum_inputs=True, settings=settings.__dict__, model_name=model_name,
+            checksum_inputs=True, input_digests=input_digests, settings=settings.__dict__, model_name=model_name,
         ),
     )
     log.info("wrote %s", out_weights)
@@ -85,14 +87,15 @@ def train_job(spec: dict[str, Any], gpus: int = 1) -> None:
     """One rule's training job: keep the resume state only if this very job made it, then train (in this process,
     or under torchrun with one process per GPU). ``spec`` holds ``run_training``'s keyword arguments, with
     ``settings`` as a dict."""
-    resuming = claim_state_dir(spec["state_dir"], training_fingerprint(spec))
+    fingerprint = training_fingerprint(spec)
+    resuming = claim_state_dir(spec["state_dir"], fingerprint)
     log.info("%s %s", "continuing the state in" if resuming else "starting fresh in", spec["state_dir"])
+    spec = {**spec, "input_digests": fingerprint["inputs"]}  # digested once: the provenance reuses them
     if gpus > 1:
         spec_path = Path(spec["state_dir"]) / "spec.json"
         spec_path.write_text(json.dumps(spec, default=str))
         launch_torchrun(spec_path, gpus)
     else:
-        spec = dict(spec)
         run_training(TrainSettings(**spec.pop("settings")), **spec)
 
 

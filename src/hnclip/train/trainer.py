@@ -211,6 +211,7 @@ class Trainer:
         self._install_signal_handlers()
         progress = tqdm(range(start, self.settings.steps), initial=start, total=self.settings.steps,
                         desc="train", mininterval=10, disable=self.rank != 0)
+        saved_step = start if start else None  # the step of the state on disk
         try:
             for step in progress:
                 row = self.step(step)
@@ -219,11 +220,13 @@ class Trainer:
                 self._append_log(row)
                 if (step + 1) % self.settings.checkpoint_every == 0 or self._stop_signal is not None:
                     self.save_checkpoint(step + 1)
+                    saved_step = step + 1
                 if self._stop_signal is not None:
                     raise Preempted(step + 1, self._stop_signal)
         finally:
             self.close_stream()
-        self.save_checkpoint(self.settings.steps)
+        if saved_step != self.settings.steps:  # the full model and optimizer state: GBs at real size, written once
+            self.save_checkpoint(self.settings.steps)
 
     def step(self, step: int) -> dict:
         s = self.settings
