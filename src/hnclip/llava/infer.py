@@ -7,8 +7,9 @@ positions and keys as it would alone (the tests check identical answers at batch
 Output is one JSON line per question, flushed batch by batch. A killed job is resumed by calling
 ``answer_questions`` again on the same file: complete lines are kept, a trailing partial line dropped, and
 only the missing questions are answered. The jobs (``answer_chunk``, ``predict_vqa``) keep that file in a state
-directory that is continued only by the job that made it (same model, questions, settings and code). ``gather_chunks`` turns chunk files into the final predictions file,
-atomically and only when no question is missing or duplicated.
+directory that is continued only by the job that made it (same model, questions, settings and code).
+``gather_chunks`` turns chunk files into the final predictions file, atomically and only when no question is
+missing or duplicated.
 """
 
 from __future__ import annotations
