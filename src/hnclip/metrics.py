@@ -27,7 +27,7 @@ Quirks of the official code that are kept on purpose, because published numbers 
 * Contraction keys with capitals ("Im", "Ive", ...) can never match (words are lower-cased first), and
   "somebody'd" maps to "somebodyd" (reversed); both kept as in the source.
 
-One deliberate deviation (DATA_SPEC.md): the official VQA script skips all normalisation, of the
+One deliberate deviation: the official VQA script skips all normalisation, of the
 prediction too, when the 10 answers are identical strings; we always normalise, as lmms-eval's
 ``vqav2`` task does, so "Yes" against ten "yes" scores 1 here (0 there).
 """

@@ -1,6 +1,6 @@
 """HNC (Hard Negative Captions) → one row per (positive, hard negative) caption pair.
 
-HNC ships two JSON shapes (DATA_SPEC.md, section HNC):
+HNC ships two JSON shapes:
 
 * **train/val** ``{image_id: {"captions": {caption_id: record}}}``: a negative (``label`` 0) names its
   positive through ``cpt_p_id``;
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 GROUPS = ("attribute", "relation", "counting", "logic")
 
-#: The 17 train/val negative types and their coarse group (ours, DATA_SPEC.md).
+#: The 17 train/val negative types and their coarse group (the grouping is ours).
 TYPE_GROUPS: dict[str, str] = {
     "attribute": "attribute",
     "object": "attribute",
@@ -68,8 +68,8 @@ TYPE_GROUPS: dict[str, str] = {
     "xor_logic_rel": "logic",
 }
 
-#: The test file's 10 type names → the train type they correspond to (inferred from examples, DATA_SPEC.md).
-#: A test type takes its train equivalent's group. Where DATA_SPEC names a family ("relation" ≈
+#: The test file's 10 type names → the train type they correspond to (inferred from the files' examples).
+#: A test type takes its train equivalent's group. Where a test name covers a family ("relation" ≈
 #: relation_subj/obj/pred, "relation_attribute" ≈ relation_attr_*), the first member stands for it: every
 #: member has the same group.
 TEST_TYPE_EQUIVALENTS: dict[str, str] = {
@@ -360,7 +360,7 @@ def entry_shape(path: Path, image_key: str, value: Any) -> str:
 def drop_degenerate_pairs(pairs: list[Pair], dropped: Counter) -> list[Pair]:
     """Drop pairs whose captions are identical (after strip + lower-case) and repeats within one image.
 
-    Both defects occur in the real train/val files (DATA_SPEC.md); ``dropped`` counts them by reason.
+    Both defects occur in the real train/val files; ``dropped`` counts them by reason.
     """
     seen: set[tuple[str, str]] = set()
     kept = []

@@ -1,5 +1,5 @@
 """Streaming JSON writers (one record at a time: a 100 000-image world never sits in memory) and the
-per-record formats of GQA, HNC, VQA v2 and TextVQA (DATA_SPEC.md)."""
+per-record formats of GQA, HNC, VQA v2 and TextVQA."""
 
 from __future__ import annotations
 
