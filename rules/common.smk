@@ -1,10 +1,12 @@
 # Config validation, the grid, paths and input functions: every helper of the workflow lives here.
+import functools
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from hnclip.config import ConfigError, validate_config
+from hnclip.estimate import vqa_chunks
 from hnclip.grid import cell_path, control_cell, grid_cells, parse_cell
 
 try:
@@ -128,10 +130,12 @@ def raw_input(key):
 
 
 def scaled(rule_name, field):
-    """A resource of ``rule_name`` that grows with the retry attempt (memory and runtime)."""
-    base = {**config["resources"]["default"], **config["resources"].get(rule_name, {})}[
-        field
-    ]
+    """A resource of ``rule_name`` that grows with the retry attempt (memory and runtime). ``mem_mb: auto`` is the
+    stage's estimated peak host memory (hnclip.estimate), worked out when a job is scheduled, not at every parse.
+    """
+    base = resource(rule_name, field)
+    if base == "auto":
+        return lambda wildcards, attempt: estimated_mem_mb(rule_name) * attempt
     return lambda wildcards, attempt: base * attempt
 
 
@@ -139,6 +143,13 @@ def resource(rule_name, field):
     return {**config["resources"]["default"], **config["resources"].get(rule_name, {})}[
         field
     ]
+
+
+@functools.cache
+def estimated_mem_mb(rule_name):
+    from hnclip.estimate import job_mem_mb
+
+    return job_mem_mb(config, rule_name)
 
 
 # ---- preprocess --------------------------------------------------------------------------------------------------
@@ -294,21 +305,12 @@ def eval_outputs(models=None):
 # ---- LLaVA and VQA ------------------------------------------------------------------------------------------------
 LLAVA_BASE = run_path("llava/base") if IS_DEMO else raw_path("llava_base")
 VQA_DATASETS = config["llava"]["datasets"]
-VQA_CHUNKS = list(range(config["llava"]["chunks"]))
+VQA_CHUNKS = list(range(vqa_chunks(config)))
 
 
 def llava_base_input():
     """The base LLaVA a tower is swapped into: the demo's own (trained here) or the downloaded llava-1.5-7b-hf."""
     return LLAVA_BASE if IS_DEMO else raw_input("llava_base")
-
-
-def llava_checkpoint_output(path):
-    """An exported LLaVA folder, deleted after its VQA jobs unless config says to keep it."""
-    return (
-        directory(path)
-        if config["llava"]["keep_checkpoints"]
-        else temp(directory(path))
-    )
 
 
 def llava_checkpoint(model):

@@ -31,12 +31,13 @@ if IS_DEMO:
             "../workflow_scripts/pretrain_llava.py"
 
 
+# A model's LLaVA is stored as its tower alone (0.6 GB for LLaVA-1.5-7B), assembled with the base at load.
 rule export:
     input:
         base=llava_base_input(),
         weights=lambda wildcards: model_weights(wildcards.model),
     output:
-        llava_checkpoint_output(run_path("llava/{model}")),
+        directory(run_path("llava/{model}")),
     log:
         run_path("logs/export/{model}.log"),
     conda:
@@ -50,3 +51,23 @@ rule export:
         model_name=config["model"]["clip_name"],
     script:
         "../workflow_scripts/export.py"
+
+
+# One target away for whoever loads a model elsewhere: `snakemake results/<run>/llava_full/<model>` writes the
+# complete HF checkpoint (14 GB for LLaVA-1.5-7B), loadable with from_pretrained. Nothing in the run needs it.
+rule export_full:
+    input:
+        delta=run_path("llava/{model}"),
+        base=llava_base_input(),
+    output:
+        directory(run_path("llava_full/{model}")),
+    log:
+        run_path("logs/export_full/{model}.log"),
+    conda:
+        "../envs/llava.yaml"
+    threads: resource("export", "threads")
+    resources:
+        mem_mb=scaled("export_full", "mem_mb"),
+        runtime=scaled("export", "runtime"),
+    script:
+        "../workflow_scripts/export_full.py"

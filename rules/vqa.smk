@@ -1,14 +1,20 @@
-# VQA v2 and TextVQA by the LLaVA-1.5 protocol: one GPU job per (model, dataset, chunk), gathered and scored.
+# VQA v2 and TextVQA by the LLaVA-1.5 protocol: one GPU job per model (and chunk, when one job would pass its
+# runtime) loads the model once and answers every dataset; the chunks are gathered and scored per dataset.
 rule vqa:
     input:
         checkpoint=lambda wildcards: llava_checkpoint(wildcards.model),
-        questions=run_path("data/vqa/{dataset}/questions.parquet"),
+        questions=expand(
+            run_path("data/vqa/{dataset}/questions.parquet"), dataset=VQA_DATASETS
+        ),
     output:
-        run_path("vqa/{model}/{dataset}/chunk-{chunk}.jsonl"),
+        expand(
+            run_path("vqa/{{model}}/{dataset}/chunk-{{chunk}}.jsonl"),
+            dataset=VQA_DATASETS,
+        ),
     log:
-        run_path("logs/vqa/{model}/{dataset}/chunk-{chunk}.log"),
+        run_path("logs/vqa/{model}/chunk-{chunk}.log"),
     benchmark:
-        run_path("benchmarks/vqa/{model}/{dataset}/chunk-{chunk}.tsv")
+        run_path("benchmarks/vqa/{model}/chunk-{chunk}.tsv")
     conda:
         "../envs/llava.yaml"
     threads: resource("vqa", "threads")
@@ -17,13 +23,16 @@ rule vqa:
         runtime=scaled("vqa", "runtime"),
         gpu=resource("vqa", "gpu"),
     params:
-        # outside the declared outputs: a killed or preempted job resumes from it
-        state_dir=run_path("state/vqa/{model}/{dataset}/chunk-{chunk}"),
-        n_chunks=config["llava"]["chunks"],
+        datasets=VQA_DATASETS,
+        # outside the declared outputs: a killed or preempted job resumes from them
+        state_dirs=lambda wildcards: [
+            run_path(f"state/vqa/{wildcards.model}/{dataset}/chunk-{wildcards.chunk}")
+            for dataset in VQA_DATASETS
+        ],
+        n_chunks=len(VQA_CHUNKS),
         batch_size=config["llava"]["batch_size"],
         max_new_tokens=config["llava"]["max_new_tokens"],
-        use_ocr=lambda wildcards: wildcards.dataset == "textvqa"
-        and config["llava"]["textvqa_ocr"],
+        ocr_datasets=["textvqa"] if config["llava"]["textvqa_ocr"] else [],
         dtype=config["llava"]["dtype"],
     script:
         "../workflow_scripts/vqa.py"

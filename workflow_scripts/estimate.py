@@ -2,9 +2,10 @@ from hnclip.workflow import run_logged
 
 
 def main(smk):
-    from hnclip.estimate import format_estimate, stage_costs
+    from hnclip.estimate import footprints, format_estimate, stage_costs
 
-    table = format_estimate(stage_costs(smk.params.config))
+    config = smk.params.config
+    table = format_estimate(stage_costs(config), footprints(config), config)
     print(table, flush=True)  # to the terminal: this rule exists to be read before submitting
     with open(smk.log[0], "a") as log:
         log.write(table + "\n")

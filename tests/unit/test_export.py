@@ -27,11 +27,18 @@ from hnclip.llava.export import (
     UnsupportedTowerError,
     _verify_reloaded,
     check_tower_fits_llava,
-    export_llava_checkpoint,
     hf_vision_config_from_open_clip,
     llava_tower_state_dict,
     replace_vision_tower,
     to_hf_vision_model,
+)
+from hnclip.llava.tower_delta import (
+    DELTA_FILE,
+    TOWER_FILE,
+    DeltaError,
+    export_tower_delta,
+    load_llava,
+    write_full_checkpoint,
 )
 
 TOLERANCE = 1e-5
@@ -267,11 +274,11 @@ def test_replace_refuses_a_tower_that_does_not_fit():
         replace_vision_tower(llava, hf)
 
 
-def write_base_checkpoint(directory: Path) -> LlavaForConditionalGeneration:
+def write_base_checkpoint(directory: Path, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
     """A base tiny LLaVA as the synth stage would write it: weights, tokenizer, processor, chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    llava = tiny_llava()
+    llava = tiny_llava().to(dtype)
     llava.save_pretrained(directory)
     vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate("red blue circle square left".split())}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -283,52 +290,86 @@ def write_base_checkpoint(directory: Path) -> LlavaForConditionalGeneration:
     return llava
 
 
-def test_export_round_trip_through_from_pretrained(tmp_path):
-    from transformers import AutoTokenizer
-
-    base_dir, out_dir = tmp_path / "base", tmp_path / "out"
+def test_a_tower_delta_assembles_the_swapped_llava(tmp_path):
+    base_dir, delta_dir = tmp_path / "base", tmp_path / "delta"
     base = write_base_checkpoint(base_dir)
     model = jittered_open_clip("hnclip-test-qgelu")
-    summary = export_llava_checkpoint(base_dir, model, out_dir, tower_name="tiny")
+    summary = export_tower_delta(base_dir, model, delta_dir, tower_name="tiny")
 
-    reloaded = LlavaForConditionalGeneration.from_pretrained(out_dir).eval()
+    assert sorted(p.name for p in delta_dir.iterdir()) == [DELTA_FILE, TOWER_FILE]  # no LLM, no tokenizer
+    assembled = load_llava(delta_dir).eval()
     hf = to_hf_vision_model(model)
-    base_state, new_state = base.state_dict(), reloaded.state_dict()
+    base_state, new_state = base.state_dict(), assembled.state_dict()
     assert set(base_state) == set(new_state)
     for key, value in base_state.items():
         if not key.startswith("model.vision_tower."):
             assert torch.equal(new_state[key], value), f"{key} changed"
     for key, value in llava_tower_state_dict(hf).items():
         assert torch.equal(new_state[f"model.vision_tower.{key}"], value), key
+    # the tower's own architecture travels with it (the base's slot says gelu and 4 heads)
+    assert (assembled.config.vision_config.hidden_act, assembled.config.vision_config.num_attention_heads) == (
+        "quick_gelu", 2)
 
     # The whole path: LLaVA's image features are open_clip's penultimate patch tokens through the base projector.
     pixels = random_pixels(32, batch=2)
     with torch.no_grad():
-        features = torch.stack(reloaded.get_image_features(pixel_values=pixels).pooler_output)
-        hf_tokens = hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        features = torch.stack(assembled.get_image_features(pixel_values=pixels).pooler_output)
         open_clip_tokens = open_clip_block_outputs(model.visual, pixels)[-2][:, 1:]
-        projector = base.model.multi_modal_projector
-        assert max_diff(features, projector(hf_tokens)) <= TOLERANCE
-        assert max_diff(features, projector(open_clip_tokens)) <= TOLERANCE
+        assert max_diff(features, base.model.multi_modal_projector(open_clip_tokens)) <= TOLERANCE
 
-    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.jinja"):
-        assert (out_dir / name).read_bytes() == (base_dir / name).read_bytes(), name
-        assert name in summary["copied_files"]
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    assert tokenizer("red circle left")["input_ids"] == [3, 5, 7]
     assert summary["tower"]["hidden_size"] == 64 and summary["tower"]["patch_tokens"] == 16
     assert summary["tower"]["hidden_act"] == "quick_gelu" and summary["base_tower"]["hidden_act"] == "gelu"
     assert summary["dtype"] == "float32" and summary["tower_tensors"] == 55
-    assert set(summary["files"]) == {p.name for p in out_dir.iterdir()}
-    assert any(name.endswith(".safetensors") for name in summary["files"])
-    assert not list(tmp_path.glob(".out.*"))  # no temporary directory left behind
+    assert not list(tmp_path.glob(".delta.*"))  # no temporary directory left behind
+
+
+def test_the_complete_checkpoint_of_a_delta_loads_with_from_pretrained(tmp_path):
+    from transformers import AutoTokenizer
+
+    base_dir, delta_dir, full_dir = tmp_path / "base", tmp_path / "delta", tmp_path / "full"
+    write_base_checkpoint(base_dir)
+    export_tower_delta(base_dir, jittered_open_clip("hnclip-test-qgelu"), delta_dir)
+    summary = write_full_checkpoint(delta_dir, full_dir)
+
+    full = LlavaForConditionalGeneration.from_pretrained(full_dir).state_dict()
+    assembled = load_llava(delta_dir).state_dict()
+    assert full.keys() == assembled.keys()
+    for key, value in assembled.items():
+        assert torch.equal(full[key], value), key
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.jinja"):
+        assert (full_dir / name).read_bytes() == (base_dir / name).read_bytes(), name
+        assert name in summary["copied_files"]
+    assert AutoTokenizer.from_pretrained(full_dir)("red circle left")["input_ids"] == [3, 5, 7]
+
+
+def test_a_float16_base_gets_a_float16_tower_of_two_bytes_a_parameter(tmp_path):
+    base_dir, delta_dir = tmp_path / "base", tmp_path / "delta"
+    write_base_checkpoint(base_dir, dtype=torch.float16)
+    summary = export_tower_delta(base_dir, jittered_open_clip("hnclip-test-qgelu"), delta_dir)
+    assert summary["dtype"] == "float16"
+    tower_bytes = (delta_dir / TOWER_FILE).stat().st_size
+    assert 2 * summary["tower_parameters"] < tower_bytes < 2 * summary["tower_parameters"] + 16_000  # + header
+    assembled = load_llava(delta_dir)
+    assert {p.dtype for p in assembled.parameters()} == {torch.float16}
+
+
+def test_a_delta_refuses_a_base_it_was_not_exported_against(tmp_path):
+    base_dir, delta_dir = tmp_path / "base", tmp_path / "delta"
+    write_base_checkpoint(base_dir)
+    export_tower_delta(base_dir, jittered_open_clip("hnclip-test-qgelu"), delta_dir)
+    config = json.loads((base_dir / "config.json").read_text())
+    (base_dir / "config.json").write_text(json.dumps({**config, "image_token_id": 5}))
+    with pytest.raises(DeltaError, match="exported against another base.*sha256.config.json"):
+        load_llava(delta_dir)
+    with pytest.raises(DeltaError, match="does not exist here; pass base_dir="):
+        load_llava(delta_dir, base_dir=tmp_path / "elsewhere")
 
 
 def test_failed_export_leaves_no_output(tmp_path):
     base_dir, out_dir = tmp_path / "base", tmp_path / "out"
     write_base_checkpoint(base_dir)
     with pytest.raises(TowerMismatchError, match="width 96"):
-        export_llava_checkpoint(base_dir, jittered_open_clip("hnclip-test-gelu"), out_dir)
+        export_tower_delta(base_dir, jittered_open_clip("hnclip-test-gelu"), out_dir)
     assert not out_dir.exists() and not list(tmp_path.glob(".out.*"))
 
 
@@ -338,7 +379,7 @@ def test_export_refuses_other_pixel_normalisation(tmp_path):
     model = jittered_open_clip("hnclip-test-qgelu")
     model.visual.preprocess_cfg = {**model.visual.preprocess_cfg, "mean": (0.5, 0.5, 0.5)}
     with pytest.raises(TowerMismatchError, match="preprocessor_config.json"):
-        export_llava_checkpoint(base_dir, model, tmp_path / "out")
+        export_tower_delta(base_dir, model, tmp_path / "out")
 
 
 def test_verification_catches_a_tensor_that_did_not_round_trip(tmp_path):

@@ -281,18 +281,20 @@ def _tiny_open_clip(open_clip, seed: int):
 def test_demo_checkpoint_accepts_an_exported_open_clip_tower(toy, tmp_path):
     """The export stage swaps a tower into the demo checkpoint; the LM and projector stay bit-identical."""
     open_clip = pytest.importorskip("open_clip")
-    export = pytest.importorskip("hnclip.llava.export")
-    hf_tower = export.to_hf_vision_model(_tiny_open_clip(open_clip, seed=0))
+    from hnclip.llava.export import to_hf_vision_model
+    from hnclip.llava.tower_delta import export_tower_delta, files_dir, load_llava
+
+    hf_tower = to_hf_vision_model(_tiny_open_clip(open_clip, seed=0))
     model = build_demo_llava(hf_tower, toy["tokenizer"], text_hidden=32, text_heads=2)
     base = save_demo_llava(model, toy["tokenizer"], demo_image_processor(hf_tower.config), tmp_path / "base")
-    export.export_llava_checkpoint(base, _tiny_open_clip(open_clip, seed=1), tmp_path / "swapped")
-    swapped = LlavaForConditionalGeneration.from_pretrained(tmp_path / "swapped")
+    export_tower_delta(base, _tiny_open_clip(open_clip, seed=1), tmp_path / "swapped")
+    swapped = load_llava(tmp_path / "swapped")
     for key, value in model.state_dict().items():
         if not key.startswith("model.vision_tower."):
             assert torch.equal(swapped.state_dict()[key], value), key
     assert not torch.equal(swapped.model.vision_tower.embeddings.patch_embedding.weight,
                            model.model.vision_tower.embeddings.patch_embedding.weight)
-    assert (tmp_path / "swapped" / "llava_protocol.json").is_file()
+    assert (files_dir(tmp_path / "swapped") / "llava_protocol.json").is_file()  # the protocol is the base's
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -300,3 +300,68 @@ def test_partial_predictions_of_the_same_model_are_continued(demo, tmp_path, mon
     assert f"resuming, {len(demo['questions'])} answered, 0 to go" in caplog.text
     assert "setting aside" not in caplog.text
     assert _predictions(out) == _answer(demo, "trained", demo["questions"], tmp_path / "mem.jsonl", batch_size=8)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Images read ahead by loader workers; one job per model over every dataset, from a tower delta
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_images_read_by_loader_workers_give_the_same_answers(demo, tmp_path):
+    here = _answer(demo, "untrained", demo["questions"], tmp_path / "here.jsonl", batch_size=4, num_workers=0)
+    ahead = _answer(demo, "untrained", demo["questions"], tmp_path / "ahead.jsonl", batch_size=4, num_workers=2)
+    assert ahead == here
+    assert len({record["prediction"] for record in here}) > 3  # answers depend on the image and question
+
+
+def test_an_unreadable_image_read_by_a_worker_names_its_question(demo, tmp_path):
+    broken = demo["questions"].copy()
+    broken.loc[broken.index[5], "image_path"] = str(tmp_path / "missing.png")
+    with pytest.raises(QuestionTableError, match=f"question_id {broken['question_id'].iloc[5]}: cannot read image"):
+        _answer(demo, "untrained", broken, tmp_path / "out.jsonl", batch_size=4, num_workers=2)
+
+
+def _tiny_open_clip_for(tower_config: dict, seed: int):
+    import open_clip
+
+    torch.manual_seed(seed)
+    return open_clip.CLIP(
+        embed_dim=tower_config["projection_dim"],
+        vision_cfg=open_clip.CLIPVisionCfg(
+            layers=tower_config["num_hidden_layers"], width=tower_config["hidden_size"],
+            head_width=tower_config["hidden_size"] // tower_config["num_attention_heads"],
+            image_size=tower_config["image_size"], patch_size=tower_config["patch_size"],
+            mlp_ratio=tower_config["intermediate_size"] / tower_config["hidden_size"]),
+        text_cfg=open_clip.CLIPTextCfg(context_length=8, vocab_size=100, width=32, heads=2, layers=1),
+        quick_gelu=True,
+    ).eval()
+
+
+def test_one_job_loads_a_tower_delta_once_and_answers_every_dataset(demo, tmp_path, monkeypatch):
+    from hnclip.llava import infer
+    from hnclip.llava.tower_delta import export_tower_delta, write_full_checkpoint
+
+    base = save_demo_llava(demo["untrained"], demo["tokenizer"], demo["processor"], tmp_path / "base")
+    delta = tmp_path / "delta"
+    export_tower_delta(base, _tiny_open_clip_for(TINY_TOWER, seed=3), delta)
+    loads = []
+    monkeypatch.setattr(infer, "load_llava_for_inference",
+                        lambda *a, **k: loads.append(a) or load_llava_for_inference(*a, **k))
+    parts = [infer.DatasetChunk(name, str(demo["parquet"]), str(tmp_path / f"{name}.jsonl"),
+                                str(tmp_path / "state" / name), use_ocr=name == "textvqa")
+             for name in ("vqav2", "textvqa")]
+    infer.answer_chunk(checkpoint_dir=delta, datasets=parts, n_chunks=2, chunk=1, batch_size=4,
+                       max_new_tokens=MAX_NEW_TOKENS, dtype="float32")
+    assert len(loads) == 1
+    chunk = chunk_questions(demo["questions"], 2, 1)
+    full = write_full_checkpoint(delta, tmp_path / "full")["out_dir"]
+    for part in parts:
+        predictions = _predictions(Path(part.out_jsonl))
+        assert [p["question_id"] for p in predictions] == chunk["question_id"].tolist()
+        assert {p["use_ocr"] for p in predictions} == {part.use_ocr}
+        reference = tmp_path / f"{part.dataset}-full.jsonl"
+        predict_vqa(full, demo["parquet"], reference, batch_size=4, max_new_tokens=MAX_NEW_TOKENS,
+                    use_ocr=part.use_ocr)
+        expected = [p for p in _predictions(reference) if p["question_id"] in set(chunk["question_id"])]
+        assert predictions == expected  # the assembled delta answers as its complete checkpoint does
+        assert not Path(part.state_dir).exists()

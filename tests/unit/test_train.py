@@ -96,8 +96,8 @@ def test_vision_only_freezes_text_tower_and_temperature():
         assert (id(parameter) in trainable) == name.startswith("visual."), name
 
 
-def _spec(shard, out: Path, **settings) -> Path:
-    spec = dict(
+def _spec(shard, out: Path, loader: dict | None = None, **settings) -> Path:
+    spec = dict(loader=loader,
         settings=_settings(**settings), model_name="hnclip-tiny", init_weights=None,
         train_shards=[str(shard)], val_shards=[str(shard)], state_dir=str(out / "state"),
         out_weights=str(out / "model.safetensors"), out_log=str(out / "train_log.csv"),
@@ -129,18 +129,23 @@ def _wait_for_state_step(state_dir: Path, at_least: int, proc: subprocess.Popen,
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_ends_with_bit_identical_weights(shard, tmp_path):
+@pytest.mark.parametrize("loader", [None, {"num_workers": 2, "image_cache_bytes": 0}], ids=["in-process", "workers"])
+def test_killed_and_resumed_run_ends_with_bit_identical_weights(shard, tmp_path, loader):
+    """With loader workers streaming the images from disk too: the straight run reads in its own process."""
     straight = _train(_spec(shard, tmp_path / "straight"))
     interrupted = tmp_path / "interrupted"
-    proc = _train(_spec(shard, interrupted))
+    proc = _train(_spec(shard, interrupted, loader=loader))
     kill_after = random.Random().randint(3, 9)  # a random checkpointed step, then a hard kill (no chance to save)
     _wait_for_state_step(interrupted / "state", kill_after, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (interrupted / "model.safetensors").exists()
-    resumed = _train(_spec(shard, interrupted))
+    resumed = _train(_spec(shard, interrupted, loader=loader))
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
-    assert "resuming from" in resumed.stdout.read()
+    output = resumed.stdout.read()
+    assert "resuming from" in output
+    if loader:
+        assert "read per batch by 2 loader workers" in output
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
     a, b = load_file(tmp_path / "straight/model.safetensors"), load_file(interrupted / "model.safetensors")
     assert a.keys() == b.keys()

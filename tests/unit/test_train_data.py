@@ -12,11 +12,12 @@ from PIL import Image
 
 from hnclip.evaluate.encode import ImageReadError
 from hnclip.models import create_clip
-from hnclip.train import trainer as trainer_module
+from hnclip import loader as loader_module
 from hnclip.train.data import (
     BatchMaker, BatchPlan, CachedImages, CaptionBank, ImageFiles, PairData, image_batches, read_shards,
 )
-from hnclip.train.trainer import DEFAULT_IMAGE_CACHE_BYTES, Trainer, TrainSettings, default_loader_workers
+from hnclip.loader import default_loader_workers
+from hnclip.train.trainer import DEFAULT_IMAGE_CACHE_BYTES, Trainer, TrainSettings
 from tests.unit.test_train import _settings, _write_pairs
 
 BATCH, SEED, K_HARD, M_EXTRA = 8, 5, 2, 3
@@ -251,10 +252,10 @@ def test_validation_reads_images_in_batches_with_the_one_shot_result(shard, tmp_
      (1, "cuda", "4", 32, 7), (1, "cuda", "4", 2, 1)],
 )
 def test_default_loader_workers(monkeypatch, threads, device, ranks, cpus, expected):
-    monkeypatch.setattr(trainer_module.torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(loader_module.torch, "get_num_threads", lambda: threads)
     if ranks is None:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
-        monkeypatch.setattr(trainer_module.os, "sched_getaffinity", lambda _pid: set(range(cpus)), raising=False)
+        monkeypatch.setattr(loader_module.os, "sched_getaffinity", lambda _pid: set(range(cpus)), raising=False)
     assert default_loader_workers(torch.device(device)) == expected

@@ -7,7 +7,8 @@ The pipeline fine-tunes CLIP with open_clip, but LLaVA-1.5 runs in transformers.
    ``image_embeds`` is open_clip's ``encode_image`` (unnormalised);
 2. checks that a tower fits a base LLaVA (``check_tower_fits_llava``): same width, patch, resolution and depth;
 3. swaps the tower into a ``LlavaForConditionalGeneration`` with strict key matching (``replace_vision_tower``);
-4. writes the result as a complete HF checkpoint and proves it by loading it back (``export_llava_checkpoint``).
+4. verifies a written checkpoint by loading it back (``_verify_reloaded``). What the pipeline stores per model is
+   the tower alone, assembled with the base at load (``hnclip.llava.tower_delta``).
 
 Anything the HF CLIP architecture cannot express exactly is refused with ``UnsupportedTowerError`` rather than
 approximated: a silently different tower would make every downstream VQA number meaningless.
@@ -16,11 +17,9 @@ approximated: a silently different tower would make every downstream VQA number 
 from __future__ import annotations
 
 import copy
-import gc
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from hnclip.io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -432,53 +430,3 @@ def _tower_summary(vision_config) -> dict[str, Any]:
     fields = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "patch_size",
               "image_size", "hidden_act", "layer_norm_eps")
     return {**{f: getattr(vision_config, f) for f in fields}, "patch_tokens": patch_tokens(vision_config)}
-
-
-def export_llava_checkpoint(
-    base_llava_dir: str | os.PathLike,
-    open_clip_model: nn.Module,
-    out_dir: str | os.PathLike,
-    *,
-    tower_name: str = "open_clip",
-) -> dict[str, Any]:
-    """Write ``out_dir``: the base LLaVA with its vision tower replaced by ``open_clip_model``'s, verified on reload.
-
-    The language model, projector, tokenizer, processor and chat template are the base's, unchanged; the tower is
-    stored in the base tower's dtype (float16 for llava-1.5). ``out_dir`` appears only once the reloaded checkpoint
-    has exactly the expected keys, the converted tower tensors and bit-identical non-tower tensors.
-    Returns a summary (tower shapes, dtype, tensor counts, files written) for the caller's provenance record.
-    """
-    from transformers import LlavaForConditionalGeneration
-
-    base_llava_dir, out_dir = Path(base_llava_dir), Path(out_dir)
-    hf_tower = to_hf_vision_model(open_clip_model)
-    _check_preprocessing_matches(base_llava_dir, open_clip_model)
-    llava = LlavaForConditionalGeneration.from_pretrained(base_llava_dir, dtype="auto")
-    base_tower_summary = _tower_summary(llava.config.vision_config)
-    check_tower_fits_llava(hf_tower.config, llava.config, tower_name=tower_name)
-    expected_rest = _non_tower_digests(llava)
-    replace_vision_tower(llava, hf_tower, tower_name=tower_name)
-    expected_tower = {k: v.detach().clone() for k, v in _tower_owner(llava).vision_tower.state_dict().items()}
-    dtype = str(next(_tower_owner(llava).vision_tower.parameters()).dtype).removeprefix("torch.")
-    with atomic_dir(out_dir) as tmp:
-        llava.save_pretrained(tmp)
-        written = {p.name for p in tmp.iterdir()}
-        copied = _copy_side_files(base_llava_dir, tmp, written)
-        del llava  # a 7B LLaVA twice in memory is 28 GB; the reload below only needs the digests
-        gc.collect()
-        _verify_reloaded(tmp, expected_tower, expected_rest)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-    logger.info("exported %s tower (%s) into %s", tower_name, describe_tower(hf_tower.config), out_dir)
-    return {
-        "base_llava_dir": str(base_llava_dir),
-        "out_dir": str(out_dir),
-        "tower_name": tower_name,
-        "tower": _tower_summary(hf_tower.config),
-        "base_tower": base_tower_summary,
-        "dtype": dtype,
-        "tower_tensors": len(expected_tower),
-        "tower_parameters": int(sum(v.numel() for v in expected_tower.values())),
-        "untouched_tensors": len(expected_rest),
-        "copied_files": copied,
-        "files": files,
-    }

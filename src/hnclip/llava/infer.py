@@ -14,6 +14,7 @@ missing or duplicated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 import torch
@@ -43,6 +44,8 @@ from hnclip.llava.prompt import (
     preprocess_images,
     prompt_variant,
 )
+from hnclip.loader import default_loader_workers, read_ahead
+from hnclip.llava.tower_delta import files_dir, load_llava
 from hnclip.resume import claim_state_dir, job_fingerprint, release_state_dir
 
 logger = logging.getLogger(__name__)
@@ -69,17 +72,18 @@ class LlavaForInference:
 def load_llava_for_inference(
     checkpoint_dir: str | os.PathLike, *, device: str = "cpu", dtype: str | torch.dtype = "auto"
 ) -> LlavaForInference:
-    """Load any HF LLaVA checkpoint directory (demo or ``llava-hf``-derived) for ``answer_questions``.
+    """Load a HF LLaVA checkpoint directory (demo or ``llava-hf``-derived) or a tower delta of one
+    (``hnclip.llava.tower_delta``) for ``answer_questions``.
 
     The pad colour comes from ``llava_protocol.json`` when present, else from LLaVA's rule (processor mean).
     """
-    checkpoint_dir = Path(checkpoint_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(checkpoint_dir, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    files = files_dir(checkpoint_dir)
+    model = load_llava(checkpoint_dir, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(files)
     tokenizer.padding_side = "left"
     # The PIL backend matches the CLIPImageProcessor LLaVA-1.5 was evaluated with (PIL bicubic resize).
-    image_processor = CLIPImageProcessorPil.from_pretrained(checkpoint_dir)
-    protocol_file = checkpoint_dir / PROTOCOL_FILE
+    image_processor = CLIPImageProcessorPil.from_pretrained(files)
+    protocol_file = files / PROTOCOL_FILE
     if protocol_file.is_file():
         pad_colour = tuple(json.loads(protocol_file.read_text())["pad_colour"])
     else:
@@ -122,17 +126,32 @@ def _question_prompt(row, use_ocr: bool) -> str:
     return llava15_prompt(row.question, ocr_tokens=ocr)
 
 
-def _load_images(rows: Sequence) -> list[Image.Image]:
+def _load_images(question_ids: Sequence[int], image_paths: Sequence[str]) -> list[Image.Image]:
     images = []
-    for row in rows:
+    for question_id, image_path in zip(question_ids, image_paths):
         try:
-            with Image.open(row.image_path) as image:
+            with Image.open(image_path) as image:
                 images.append(image.convert("RGB"))
         except OSError as error:
-            raise QuestionTableError(
-                f"question_id {row.question_id}: cannot read image {row.image_path}: {error}"
-            ) from error
+            raise QuestionTableError(f"question_id {question_id}: cannot read image {image_path}: {error}") from error
     return images
+
+
+class _PixelValuesOfBatch:
+    """Loader side: a batch's (question ids, image paths) give back its ``pixel_values``, padded to squares and
+    processed as LLaVA-1.5 does. Runs in loader workers, so it carries only the processor and the pad colour."""
+
+    def __init__(self, image_processor, pad_colour: tuple[int, int, int]):
+        self.image_processor, self.pad_colour = image_processor, pad_colour
+
+    def __call__(self, request: tuple[tuple[int, ...], tuple[str, ...]]) -> torch.Tensor:
+        question_ids, image_paths = request
+        return preprocess_images(_load_images(question_ids, image_paths), self.image_processor, self.pad_colour)
+
+
+def _image_request(rows: Sequence) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    # plain tuples: the rows' namedtuple class is made on the fly by pandas and does not pickle to a worker
+    return tuple(int(row.question_id) for row in rows), tuple(str(row.image_path) for row in rows)
 
 
 def _generated_lengths(new_tokens: torch.Tensor, eos_id: int) -> list[int]:
@@ -144,20 +163,23 @@ def _generated_lengths(new_tokens: torch.Tensor, eos_id: int) -> list[int]:
 
 
 def generate_answers(
-    llava: LlavaForInference, rows: Sequence, *, use_ocr: bool, max_new_tokens: int
+    llava: LlavaForInference, rows: Sequence, *, use_ocr: bool, max_new_tokens: int,
+    pixel_values: torch.Tensor | None = None,
 ) -> list[tuple[str, int]]:
-    """Greedy answers for ``rows`` (question-table rows) as one left-padded batch: (text, tokens generated)."""
+    """Greedy answers for ``rows`` (question-table rows) as one left-padded batch: (text, tokens generated).
+    ``pixel_values``: the rows' images already read and processed (by a loader worker); None = read them here."""
     model, tokenizer = llava.model, llava.tokenizer
     image_tokens = num_image_tokens(model.config.vision_config, model.config.vision_feature_select_strategy)
     prompts = [expand_image_tokens(_question_prompt(row, use_ocr), image_tokens) for row in rows]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     parameter = next(model.parameters())
-    pixel_values = preprocess_images(_load_images(rows), llava.image_processor, llava.pad_colour)
+    if pixel_values is None:
+        pixel_values = _PixelValuesOfBatch(llava.image_processor, llava.pad_colour)(_image_request(rows))
     with torch.inference_mode():
         output = model.generate(
             input_ids=encoded["input_ids"].to(parameter.device),
             attention_mask=encoded["attention_mask"].to(parameter.device),
-            pixel_values=pixel_values.to(device=parameter.device, dtype=parameter.dtype),
+            pixel_values=pixel_values.to(device=parameter.device, dtype=parameter.dtype, non_blocking=True),
             do_sample=False,
             num_beams=1,
             max_new_tokens=max_new_tokens,
@@ -185,10 +207,9 @@ def _prediction_record(row, prediction: str, n_tokens: int, settings: dict[str, 
     }
 
 
-def _row_batches(questions: pd.DataFrame, batch_size: int) -> Iterator[list]:
+def _row_batches(questions: pd.DataFrame, batch_size: int) -> list[list]:
     rows = list(questions.itertuples(index=False))
-    for start in range(0, len(rows), batch_size):
-        yield rows[start:start + batch_size]
+    return [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
 
 
 def answer_questions(
@@ -202,13 +223,15 @@ def answer_questions(
     max_new_tokens: int = 128,
     use_ocr: bool = False,
     pad_colour: tuple[int, int, int] | None = None,
+    num_workers: int = 0,
 ) -> Path:
     """Answer every question of ``questions_df`` greedily, appending one JSON line each to ``out_jsonl``.
 
     Resumable: lines already in ``out_jsonl`` are kept (a partial last line is dropped) and their questions
     skipped; they must have been written with the same prompt variant and ``max_new_tokens`` and belong to
     ``questions_df``. Lines are written in ``questions_df`` order and flushed after each batch.
-    ``out_jsonl`` is a working file: ``gather_chunks`` publishes the final one.
+    ``out_jsonl`` is a working file: ``gather_chunks`` publishes the final one. ``num_workers`` processes read and
+    preprocess the next batches' images while the model answers this one (0 = read them here, between batches).
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
@@ -229,9 +252,14 @@ def answer_questions(
     if done:
         logger.info("%s: resuming, %d answered, %d to go", out_jsonl, len(done), len(todo))
     out_jsonl.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_jsonl, "a", encoding="utf-8") as handle, tqdm(total=len(todo), desc="vqa", unit="q") as progress:
-        for rows in _row_batches(todo, batch_size):
-            answers = generate_answers(llava, rows, use_ocr=use_ocr, max_new_tokens=max_new_tokens)
+    batches = _row_batches(todo, batch_size)
+    pixel_values = read_ahead(_PixelValuesOfBatch(image_processor, colour), [_image_request(b) for b in batches],
+                              num_workers=num_workers, pin_memory=next(model.parameters()).is_cuda)
+    with open(out_jsonl, "a", encoding="utf-8") as handle, contextlib.closing(pixel_values), \
+            tqdm(total=len(todo), desc="vqa", unit="q") as progress:
+        for rows, pixels in zip(batches, pixel_values):
+            answers = generate_answers(llava, rows, use_ocr=use_ocr, max_new_tokens=max_new_tokens,
+                                       pixel_values=pixels)
             handle.write("".join(json.dumps(_prediction_record(row, text, n, settings)) + "\n"
                                  for row, (text, n) in zip(rows, answers)))
             handle.flush()
@@ -262,31 +290,33 @@ PARTIAL_PREDICTIONS = "predictions.partial.jsonl"
 
 
 def _answer_resumably(
-    checkpoint_dir: str | os.PathLike, questions_parquet: str | os.PathLike, questions: pd.DataFrame,
-    out_path: str | os.PathLike, state_dir: str | os.PathLike, *, settings: dict[str, Any], batch_size: int,
-    max_new_tokens: int, use_ocr: bool, device: str, dtype: str | torch.dtype,
-) -> tuple[LlavaForInference, float]:
-    """Answer ``questions`` into a working file in ``state_dir``, then publish ``out_path`` and drop the state.
+    llava: LlavaForInference, checkpoint_dir: str | os.PathLike, questions_parquet: str | os.PathLike,
+    questions: pd.DataFrame, out_path: str | os.PathLike, state_dir: str | os.PathLike, *, settings: dict[str, Any],
+    batch_size: int, max_new_tokens: int, use_ocr: bool, dtype: str | torch.dtype,
+) -> float:
+    """Answer ``questions`` into a working file in ``state_dir``, then publish ``out_path`` and drop the state;
+    returns the seconds spent answering.
 
     The working file is continued only when the same model, question table, settings and code made it
     (``hnclip.resume``): a re-exported model or a new question table starts it over. ``state_dir`` must not be a
     declared workflow output, so a failed or pre-empted job's work survives for the rerun.
     """
+    device = next(llava.model.parameters()).device
     fingerprint = job_fingerprint(
         {**settings, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "use_ocr": use_ocr,
-         "prompt_variant": prompt_variant(use_ocr), "device": device, "dtype": str(dtype)},
+         "prompt_variant": prompt_variant(use_ocr), "device": device.type, "dtype": str(dtype)},
         [checkpoint_dir, questions_parquet],
     )
     claim_state_dir(state_dir, fingerprint)
     work_path = Path(state_dir) / PARTIAL_PREDICTIONS
-    llava = load_llava_for_inference(checkpoint_dir, device=device, dtype=dtype)
     started = time.perf_counter()
     answer_questions(llava.model, llava.tokenizer, llava.image_processor, questions, work_path,
-                     batch_size=batch_size, max_new_tokens=max_new_tokens, use_ocr=use_ocr, pad_colour=llava.pad_colour)
+                     batch_size=batch_size, max_new_tokens=max_new_tokens, use_ocr=use_ocr, pad_colour=llava.pad_colour,
+                     num_workers=default_loader_workers(device))
     seconds = time.perf_counter() - started
     gather_chunks([work_path], out_path, questions["question_id"])
     release_state_dir(state_dir)
-    return llava, seconds
+    return seconds
 
 
 def predict_vqa(
@@ -306,9 +336,10 @@ def predict_vqa(
     out_path = Path(out_path)
     state_dir = Path(state_dir) if state_dir is not None else out_path.with_name(out_path.name + ".state")
     questions = pd.read_parquet(questions_parquet)
-    llava, seconds = _answer_resumably(
-        checkpoint_dir, questions_parquet, questions, out_path, state_dir, settings={}, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, use_ocr=use_ocr, device=device, dtype=dtype,
+    llava = load_llava_for_inference(checkpoint_dir, device=device, dtype=dtype)
+    seconds = _answer_resumably(
+        llava, checkpoint_dir, questions_parquet, questions, out_path, state_dir, settings={}, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, use_ocr=use_ocr, dtype=dtype,
     )
     return {
         "checkpoint_dir": str(checkpoint_dir),
@@ -324,17 +355,32 @@ def predict_vqa(
     }
 
 
+@dataclass(frozen=True)
+class DatasetChunk:
+    """One dataset's share of a VQA job: its question table, where its chunk's answers go, its resume state."""
+
+    dataset: str
+    questions_parquet: str
+    out_jsonl: str
+    state_dir: str
+    use_ocr: bool
+
+
 def answer_chunk(
-    *, checkpoint_dir, questions_parquet, n_chunks: int, chunk: int, out_jsonl, state_dir, batch_size: int,
-    max_new_tokens: int, use_ocr: bool, dtype: str,
+    *, checkpoint_dir, datasets: Sequence[DatasetChunk], n_chunks: int, chunk: int, batch_size: int,
+    max_new_tokens: int, dtype: str,
 ) -> None:
-    """Answer chunk ``chunk`` of ``n_chunks`` (resumable from ``state_dir``); publish it only when complete."""
-    questions = chunk_questions(pd.read_parquet(questions_parquet), n_chunks, chunk)
+    """One VQA job: load the model once, then answer chunk ``chunk`` of ``n_chunks`` of every dataset in turn (each
+    resumable from its state dir, each published only when complete). Loading LLaVA-1.5-7B takes minutes; doing it
+    once per model instead of once per dataset and chunk is most of what a VQA job costs beyond answering."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    _, seconds = _answer_resumably(
-        checkpoint_dir, questions_parquet, questions, out_jsonl, state_dir,
-        settings={"n_chunks": n_chunks, "chunk": chunk}, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        use_ocr=use_ocr, device=device, dtype=dtype,
-    )
-    logger.info("%d questions in %.1f s (%s, batch %d, %s)", len(questions), seconds, device, batch_size,
-                prompt_variant(use_ocr))
+    llava = load_llava_for_inference(checkpoint_dir, device=device, dtype=dtype)
+    for part in datasets:
+        questions = chunk_questions(pd.read_parquet(part.questions_parquet), n_chunks, chunk)
+        seconds = _answer_resumably(
+            llava, checkpoint_dir, part.questions_parquet, questions, part.out_jsonl, part.state_dir,
+            settings={"n_chunks": n_chunks, "chunk": chunk}, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            use_ocr=part.use_ocr, dtype=dtype,
+        )
+        logger.info("%s: %d questions in %.1f s (%s, batch %d, %s)", part.dataset, len(questions), seconds, device,
+                    batch_size, prompt_variant(part.use_ocr))

@@ -8,9 +8,10 @@ from typing import Sequence
 
 from hnclip.io import write_json
 from hnclip.llava.demo_model import build_demo_llava, demo_image_processor, save_demo_llava
-from hnclip.llava.export import export_llava_checkpoint, to_hf_vision_model
+from hnclip.llava.export import to_hf_vision_model
 from hnclip.llava.pretrain import demo_tokenizer_texts, pretrain_demo_llava
 from hnclip.llava.tokenizer import train_demo_tokenizer
+from hnclip.llava.tower_delta import export_tower_delta, write_full_checkpoint
 from hnclip.models import default_device, load_clip
 from hnclip.provenance import provenance
 
@@ -47,8 +48,15 @@ def pretrain_llava(
 
 
 def export(*, base_dir, model_name: str, weights, out_dir, config: dict | None = None) -> None:
-    """A complete LLaVA checkpoint with the model's tower swapped in; LLM, projector, tokenizer unchanged."""
+    """The model's LLaVA as a tower delta of the base: its tower alone, LLM, projector and tokenizer the base's."""
     clip, _, _ = load_clip(model_name, weights)
-    summary = export_llava_checkpoint(base_dir, clip, out_dir, tower_name=model_name)
+    summary = export_tower_delta(base_dir, clip, out_dir, tower_name=model_name)
     write_json(Path(out_dir) / "export.json", {"summary": summary, "provenance": provenance(
         config, inputs=[weights], base_llava=str(base_dir))})
+
+
+def export_full(*, delta_dir, out_dir, config: dict | None = None) -> None:
+    """A complete HF checkpoint of a model's LLaVA, for loading it elsewhere with ``from_pretrained``."""
+    summary = write_full_checkpoint(delta_dir, out_dir)
+    write_json(Path(out_dir) / "export.json", {"summary": summary, "provenance": provenance(
+        config, inputs=[Path(delta_dir) / "llava_delta.json"])})

@@ -37,6 +37,7 @@ def run_training(
     config: dict | None = None,
     device: str | None = None,
     input_digests: dict[str, str] | None = None,
+    loader: dict[str, int] | None = None,
 ) -> None:
     """Train from ``init_weights`` (None = random init), resuming from ``state_dir`` when it holds a state.
 
@@ -44,7 +45,8 @@ def run_training(
     stays in ``state_dir``, outside the rule's declared outputs, so Snakemake never deletes it when it cleans a
     failed job. Once the outputs are written the state is removed. Whether the state may be resumed at all is
     decided before (``train_job``), once for all ranks; ``input_digests`` are the sha256 of the inputs it
-    computed then, for the provenance (without them the inputs are read again to digest them).
+    computed then, for the provenance (without them the inputs are read again to digest them). ``loader`` passes
+    ``num_workers`` / ``image_cache_bytes`` to the ``Trainer`` (how images are read, never what a batch holds).
     """
     device = device or default_device()
     rank, _ = distributed.init_from_env()
@@ -58,7 +60,7 @@ def run_training(
         settings, model, tokenizer, preprocess,
         train_pairs=read_shards(train_shards),
         val_pairs=read_shards(val_shards) if val_shards else None,
-        state_dir=state_dir, device=device,
+        state_dir=state_dir, device=device, **(loader or {}),
     )
     trainer.train()
     if rank != 0:

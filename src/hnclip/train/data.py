@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -20,10 +19,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from hnclip.evaluate.encode import load_image
+from hnclip.loader import Requests, read_ahead
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +257,7 @@ class BatchMaker:
         The plan runs here; ``num_workers`` loader processes read each step's images ahead of it (0 = read here, when
         the step asks). Closing the generator stops the workers.
         """
-        requests = _Requests(lambda: self._step_requests(start, stop, rank, world_size), length=max(0, stop - start))
+        requests = Requests(lambda: self._step_requests(start, stop, rank, world_size), length=max(0, stop - start))
         for rows, images in read_in_order(self.images, requests, num_workers=num_workers, pin_memory=pin_memory):
             yield self.assemble(rows, images)
 
@@ -269,40 +268,15 @@ class BatchMaker:
 
 
 # ---- images read by DataLoader workers ------------------------------------------------------------------------------
-class _Requests:
-    """What the loader reads, in order: (payload, image indices) pairs, made lazily in this process."""
-
-    def __init__(self, make: Callable[[], Iterator[tuple[Any, np.ndarray]]], length: int):
-        self.make, self.length = make, length
-
-    def __iter__(self) -> Iterator[tuple[Any, np.ndarray]]:
-        return self.make()
-
-    def __len__(self) -> int:
-        return self.length
-
-
-class _ImagesOfRequest(Dataset):
+class _ImagesOfRequest:
     """Worker side: a request (payload, indices) gives back (payload, images [n, 3, H, W])."""
 
     def __init__(self, images: ImageFiles | CachedImages):
         self.images = images
 
-    def __getitem__(self, request: tuple[Any, np.ndarray]) -> tuple[Any, torch.Tensor]:
+    def __call__(self, request: tuple[Any, np.ndarray]) -> tuple[Any, torch.Tensor]:
         payload, indices = request
         return payload, self.images.take(indices)
-
-
-def _as_read(sample):
-    # the worker already returns whole batches: nothing to collate
-    return sample
-
-
-def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
-    # SLURM signals every process of the job; a worker killed by SIGTERM would make the trainer fail in the middle of
-    # a step instead of saving its state. Workers stop when the trainer closes the loader or exits.
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
 
 
 def read_in_order(
@@ -310,27 +284,8 @@ def read_in_order(
     pin_memory: bool = False,
 ) -> Iterator[tuple[Any, torch.Tensor]]:
     """(payload, images) for each request in order, read by ``num_workers`` processes ahead of the consumer (0 = read
-    in this process when asked), pinned for an asynchronous copy to the GPU if asked.
-
-    The workers are shut down however the reading ends: exhausted, closed, or stopped by an error (an unreadable
-    image). They ignore SIGTERM, so one left waiting for work would keep the process from ever exiting:
-    multiprocessing's exit handler stops daemonic children with SIGTERM, then joins them.
-    """
-    batches = iter(DataLoader(
-        _ImagesOfRequest(images),
-        batch_size=None,
-        sampler=requests,
-        num_workers=num_workers,
-        collate_fn=_as_read,
-        pin_memory=pin_memory,
-        worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None,
-    ))
-    try:
-        yield from batches
-    finally:
-        shutdown = getattr(batches, "_shutdown_workers", None)  # the multi-process iterator's own clean-up
-        if shutdown is not None:
-            shutdown()
+    in this process when asked); see ``hnclip.loader.read_ahead``."""
+    return read_ahead(_ImagesOfRequest(images), requests, num_workers=num_workers, pin_memory=pin_memory)
 
 
 def image_batches(
@@ -341,7 +296,7 @@ def image_batches(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     starts = range(0, len(images), batch_size)
-    requests = _Requests(lambda: ((None, np.arange(i, min(i + batch_size, len(images)))) for i in starts),
+    requests = Requests(lambda: ((None, np.arange(i, min(i + batch_size, len(images)))) for i in starts),
                          length=len(starts))
     for _, batch in read_in_order(images, requests, num_workers=num_workers, pin_memory=pin_memory):
         yield batch

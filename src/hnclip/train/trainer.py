@@ -10,7 +10,6 @@ import contextlib
 import csv
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from hnclip.io import atomic_path
+from hnclip.loader import default_loader_workers
 from hnclip.losses import hard_negative_accuracy, hnc_contrastive_loss, plain_clip_loss
 from hnclip.train import distributed
 from hnclip.train.checkpoint import load_state, save_state
@@ -92,26 +92,9 @@ def trainable_parameters(model: torch.nn.Module, towers: str) -> list[torch.nn.P
     return selected
 
 
-MAX_LOADER_WORKERS = 8
 # The demo's 6,000 images take 74 MB decoded and are each read ~30 times over its 3,000 baseline steps: decoding them
 # once keeps it as fast as before. HNC's 67,807 images (92 GB) are read from disk per batch.
 DEFAULT_IMAGE_CACHE_BYTES = 1 << 30
-
-
-def default_loader_workers(device: torch.device) -> int:
-    """Image-loading processes for a job: its threads but the one that runs the step.
-
-    A one-thread job on the CPU (the demo) gets none: images are read in the step's own process, as a worker would
-    only add a process to share the same core. On a GPU there is at least one, so the card never waits for decoding.
-    torchrun gives each rank one thread unless told otherwise; there a rank's share of the node's CPUs counts instead.
-    """
-    threads = torch.get_num_threads()
-    ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if ranks_on_node > 1 and threads == 1:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, cpus // ranks_on_node)
-    spare = min(threads - 1, MAX_LOADER_WORKERS)
-    return max(spare, 1) if device.type == "cuda" else spare
 
 
 class Trainer:
