@@ -6,8 +6,9 @@ anonymous memory of the child's whole process tree (loader workers included) eve
 
   RssAnon   summed over the processes, as /proc/<pid>/status gives it: pages a forked worker still shares with the
             trainer count once per process;
-  Pss_Anon  summed over the processes (/proc/<pid>/smaps_rollup): shared pages split between their sharers, so the
-            sum is the host memory the tree really holds.
+  Pss_Anon  summed over the processes (/proc/<pid>/smaps_rollup), anonymous and shared-memory pages (the loader's
+            batches travel through /dev/shm): shared pages split between their sharers, so the sum is the host memory
+            the tree really holds. The sampler is hnclip.memory's, the one every rule's log reports from.
 
 Two sizes side by side give the growth per image. ``streamed`` reads the images from disk per batch (the trainer's
 choice when the decoded set exceeds its image cache); ``cached`` decodes all of them into one tensor before the first
@@ -35,6 +36,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from hnclip.memory import tree_memory
 
 MODEL = "hnclip-tiny"
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "brown", "gray"]
@@ -113,40 +116,11 @@ def run_child(args: argparse.Namespace) -> None:
 
 
 # ---- the parent: sample the child's process tree ------------------------------------------------------------------
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants (loader workers, their helpers), from /proc/<pid>/task/<tid>/children."""
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        try:
-            threads = os.listdir(f"/proc/{pid}/task")
-        except OSError:  # ended meanwhile
-            continue
-        for thread in threads:
-            try:
-                todo.extend(int(child) for child in Path(f"/proc/{pid}/task/{thread}/children").read_text().split())
-            except OSError:
-                pass
-    return tree
-
-
-def _field_kb(path: str, name: str) -> int:
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    except OSError:  # the process ended between listing and reading
-        pass
-    return 0
-
-
 def anonymous_memory_mb(root: int) -> tuple[float, float, int]:
-    """(sum of RssAnon, sum of Pss_Anon) in MB over ``root``'s process tree, and how many processes it has."""
-    pids = process_tree(root)
-    rss = sum(_field_kb(f"/proc/{pid}/status", "RssAnon") for pid in pids)
-    pss = sum(_field_kb(f"/proc/{pid}/smaps_rollup", "Pss_Anon") for pid in pids)
-    return rss * 1024 / 1e6, pss * 1024 / 1e6, len(pids)
+    """(sum of RssAnon, sum of anonymous and shared-memory Pss) in MB over ``root``'s process tree, and how many
+    processes it has (hnclip.memory, the sampler every rule's log reports from)."""
+    memory = tree_memory(root)
+    return memory.rss_anon_mb, memory.anon_pss_mb, memory.processes
 
 
 def measure(shard: Path, mode: str, args: argparse.Namespace, workdir: Path) -> dict:

@@ -38,6 +38,8 @@ else:
             provenance=run_path("baseline/provenance.json"),
         log:
             run_path("logs/import_baseline/baseline.log"),
+        benchmark:
+            run_path("benchmarks/import_baseline/baseline.tsv")
         conda:
             "../envs/train.yaml"
         resources:

@@ -40,6 +40,8 @@ rule export:
         directory(run_path("llava/{model}")),
     log:
         run_path("logs/export/{model}.log"),
+    benchmark:
+        run_path("benchmarks/export/{model}.tsv")
     conda:
         "../envs/llava.yaml"
     threads: resource("export", "threads")
@@ -63,6 +65,8 @@ rule export_full:
         directory(run_path("llava_full/{model}")),
     log:
         run_path("logs/export_full/{model}.log"),
+    benchmark:
+        run_path("benchmarks/export_full/{model}.tsv")
     conda:
         "../envs/llava.yaml"
     threads: resource("export", "threads")

@@ -35,6 +35,8 @@ rule preprocess_vqa:
         run_path("data/vqa/{dataset}/questions.parquet"),
     log:
         run_path("logs/preprocess_vqa/{dataset}.log"),
+    benchmark:
+        run_path("benchmarks/preprocess_vqa/{dataset}.tsv")
     conda:
         "../envs/data.yaml"
     threads: 1

@@ -15,6 +15,8 @@ def main(smk):
         out_log=smk.output.train_log,
         out_provenance=smk.output.provenance,
         config=smk.config,
+        # how images are read, not what a batch holds: from the config, not a param, so changing it reruns nothing
+        loader={"image_cache_bytes": smk.config["finetune"]["image_cache_mb"] * 2**20},
     )
     # several GPUs of one node for one cell: torchrun, one process per GPU
     train_job(spec, gpus=max(1, int(smk.resources.get("gpu", 0))))

@@ -232,6 +232,12 @@ def _train_pairs(config: dict) -> int:
     return int(config["estimate"]["train_pairs"])
 
 
+def _cached_train_images_mb(config: dict, clip: ClipShape) -> float:
+    """Decoded training images the trainer keeps: all of them when they fit finetune.image_cache_mb, else none."""
+    decoded = config["estimate"]["train_images"] * 3 * clip.image_size ** 2 * 4 / MB
+    return decoded if decoded <= config["finetune"]["image_cache_mb"] * 2 ** 20 / MB else 0.0
+
+
 def finetune_footprint(config: dict, clip: ClipShape) -> Footprint:
     f, gpus = config["finetune"], max(1, int(_resources(config, "finetune").get("gpu", 1)))
     per_rank = math.ceil(f["batch_size"] / gpus)
@@ -249,7 +255,7 @@ def finetune_footprint(config: dict, clip: ClipShape) -> Footprint:
     workers = _loader_workers(config, "finetune")
     loader = workers * (LOADER_WORKER_MB + PREFETCH_BATCHES * _image_batch_mb(per_rank, clip.image_size))
     host = gpus * (PROCESS_BASE_MB + 2 * 4 * clip.params / MB + _train_pairs(config) * TRAIN_BYTES_PER_PAIR / MB
-                   + loader)
+                   + _cached_train_images_mb(config, clip) + loader)
     state = 16 * trainable / MB  # weights and Adam moments of the resume state, while the cell runs
     return Footprint("finetune", "finetune", _cells(config), host, gpu, 4 * clip.params / MB,
                      f"per-rank batch {per_rank}, graph batch {graph_batch}; +{state / 1e3:.1f} GB resume state "

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hnclip.memory import bound_heap_growth
+
 MAX_LOADER_WORKERS = 8
 
 
@@ -61,11 +63,12 @@ def _as_read(sample):
     return sample
 
 
-def _leave_stop_signals_to_the_job(_worker_id: int) -> None:
+def _init_worker(_worker_id: int) -> None:
     # SLURM signals every process of the job; a worker killed by SIGTERM would make the job fail in the middle of a
     # step instead of saving its state. Workers stop when the job closes the loader or exits.
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+    bound_heap_growth()  # a worker decodes every image of the stage: its heap must not grow with their number
 
 
 def read_ahead(
@@ -86,7 +89,7 @@ def read_ahead(
         num_workers=num_workers,
         collate_fn=_as_read,
         pin_memory=pin_memory,
-        worker_init_fn=_leave_stop_signals_to_the_job if num_workers else None,
+        worker_init_fn=_init_worker if num_workers else None,
     ))
     try:
         yield from results

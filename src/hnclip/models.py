@@ -2,6 +2,8 @@
 
 The demo's tiny architecture is an open_clip model config shipped in ``hnclip/model_configs`` and registered
 here, so ``open_clip.create_model("hnclip-tiny")`` works like any built-in name and no hub download happens.
+``hnclip-tiny-336`` reads images as ViT-L-14-336 does (336 px, patch 14: 577 tokens) with a tiny width: the scale
+rehearsal's tests measure memory against image counts with it, at a fraction of ViT-L's compute.
 """
 
 from __future__ import annotations

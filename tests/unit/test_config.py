@@ -34,7 +34,8 @@ def _walk_properties(node, root, path=""):
 
 def test_schema_types_describes_and_defaults_every_key(schema):
     for key, sub in _walk_properties(schema, schema):
-        assert "type" in sub, key
+        alternatives = sub.get("oneOf", [])  # a number or "auto" (llava.chunks, resources.*.mem_mb)
+        assert "type" in sub or (alternatives and all("type" in a or "const" in a for a in alternatives)), key
         assert "default" in sub or key in schema["required"], key
         if sub.get("type") == "object":
             assert sub.get("additionalProperties") is False, key

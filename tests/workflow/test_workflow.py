@@ -41,6 +41,9 @@ def _expected_stage_counts(models: int, cells: int, demo: bool) -> dict[str, int
         "preprocess_vqa": 2,
         "finetune": cells,
         "evaluate_encoder": models,
+        "export": models,
+        "vqa": models,  # one job per model answers both datasets
+        "score_vqa": 2 * models,
     }
     counts.update({"synth": 1, "pretrain": 1} if demo else {"import_baseline": 1})
     return counts
@@ -61,6 +64,19 @@ def test_thesis_dry_run_downloads_and_has_one_finetune_job_per_grid_cell(tmp_pat
     for rule, expected in _expected_stage_counts(cells + 1, cells, demo=False).items():
         assert counts.get(rule) == expected, (rule, counts)
     assert counts["download"] >= 10  # every raw input the thesis reads comes from the manifest
+
+
+def test_thesis_jobs_ask_for_the_memory_the_estimate_prints(tmp_path):
+    from hnclip.config import load_yaml, validate_config
+    from hnclip.estimate import job_mem_mb
+
+    output = run_snakemake("-n", "--directory", str(tmp_path), *THESIS).stdout
+    config = validate_config(load_yaml(REPO / "config.yaml"), base_dir=REPO)
+    for rule, resource_key in (("finetune", "finetune"), ("evaluate_encoder", "evaluate"), ("export", "export"),
+                               ("vqa", "vqa")):
+        block = output.split(f"\nrule {rule}:", 1)[1].split("\n\n", 1)[0]
+        asked = int(re.search(r"mem_mb=(\d+)", block)[1])
+        assert asked == job_mem_mb(config, resource_key), rule
 
 
 def _planned_files(dry_run_output: str) -> set[str]:

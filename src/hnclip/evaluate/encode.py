@@ -15,8 +15,9 @@ from typing import Callable, Iterator, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from hnclip.loader import read_ahead
 
 # An image to encode: a file path, a PIL image, or an H×W×3 uint8 array (CIFAR keeps images in memory).
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -68,18 +69,16 @@ def load_image(source: ImageSource) -> Image.Image:
         raise ImageReadError(f"cannot read image {path}: {error}") from error
 
 
-class _PreprocessedImages(Dataset):
-    """Images loaded and preprocessed lazily, so DataLoader workers can decode in parallel."""
+class _PreprocessedBatch:
+    """Loader side: a range of ``sources`` gives back their preprocessed images as one [B, 3, H, W] batch."""
 
     def __init__(self, sources: Sequence[ImageSource], preprocess: Preprocess) -> None:
         self.sources = sources
         self.preprocess = preprocess
 
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.preprocess(load_image(self.sources[index]))
+    def __call__(self, span: tuple[int, int]) -> torch.Tensor:
+        start, stop = span
+        return torch.stack([self.preprocess(load_image(self.sources[i])) for i in range(start, stop)])
 
 
 def preprocessed_batches(
@@ -91,16 +90,14 @@ def preprocessed_batches(
     progress: bool = True,
     description: str = "images",
 ) -> Iterator[torch.Tensor]:
-    """Yield preprocessed image batches (B×3×H×W) in the order of ``sources``."""
+    """Yield preprocessed image batches (B×3×H×W) in the order of ``sources``, read ahead by ``num_workers``
+    processes (``hnclip.loader.read_ahead``, as training and VQA read theirs)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    loader = DataLoader(
-        _PreprocessedImages(sources, preprocess),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-    )
-    yield from tqdm(loader, desc=description, disable=not progress, unit="batch")
+    spans = [(start, min(start + batch_size, len(sources))) for start in range(0, len(sources), batch_size)]
+    batches = read_ahead(_PreprocessedBatch(sources, preprocess), spans, num_workers=num_workers)
+    with contextlib.closing(batches):
+        yield from tqdm(batches, total=len(spans), desc=description, disable=not progress, unit="batch")
 
 
 def encode_images(

@@ -8,6 +8,7 @@ import os
 from typing import Mapping, Sequence
 
 import pandas as pd
+import torch
 
 from hnclip.evaluate.drift import drift_report, fixed_image_sample, measure_drift
 from hnclip.evaluate.hnc import pairwise_accuracy_report, pairwise_correctness, pairwise_scores, read_pair_shards
@@ -21,6 +22,7 @@ from hnclip.evaluate.zeroshot import (
     zeroshot_report,
 )
 from hnclip.io import atomic_path, write_json
+from hnclip.loader import default_loader_workers
 from hnclip.models import default_device, load_clip
 from hnclip.provenance import provenance
 
@@ -65,7 +67,9 @@ def evaluate_encoder(
     """
     device = default_device()
     clip, preprocess, tokenizer = load_clip(model_name, weights, device=device)
-    common = dict(model=model, batch_size=batch_size, n_boot=n_boot, seed=seed, config=config)
+    # images are read and preprocessed ahead of the model by the job's spare threads
+    common = dict(model=model, batch_size=batch_size, n_boot=n_boot, seed=seed, config=config,
+                  num_workers=default_loader_workers(torch.device(device)))
     evaluate_hnc(clip, preprocess, tokenizer, shards=test_shards, references=references["hnc"],
                  out_json=outputs["hnc"], out_items=outputs["hnc_items"], inputs=[weights], **common)
     evaluate_zeroshot(clip, preprocess, tokenizer, dataset_root=zeroshot_root, dataset_format=zeroshot_format,
@@ -78,11 +82,11 @@ def evaluate_encoder(
 
 def evaluate_hnc(
     clip, preprocess, tokenizer, *, model: str, shards: Sequence, references: Paths, out_json, out_items,
-    inputs: Sequence, batch_size: int, n_boot: int, seed: int, config: dict | None = None,
+    inputs: Sequence, batch_size: int, n_boot: int, seed: int, config: dict | None = None, num_workers: int = 0,
 ) -> None:
     """HNC pairwise accuracy (overall, per type group and type) with clustered CIs and McNemar comparisons."""
     pairs = read_pair_shards(shards)
-    scored = pairwise_scores(clip, tokenizer, preprocess, pairs, batch_size=batch_size)
+    scored = pairwise_scores(clip, tokenizer, preprocess, pairs, batch_size=batch_size, num_workers=num_workers)
     items = pairwise_correctness(scored)
     rows = pairwise_accuracy_report(
         items, model=model, reference=_read_references(references), n_boot=n_boot, seed=seed
@@ -95,11 +99,13 @@ def evaluate_hnc(
 def evaluate_zeroshot(
     clip, preprocess, tokenizer, *, model: str, dataset_root, dataset_format: str, references: Paths, out_json,
     out_items, inputs: Sequence, batch_size: int, n_boot: int, seed: int, config: dict | None = None,
+    num_workers: int = 0,
 ) -> None:
     """Zero-shot top-1 with a prompt ensemble: is object recognition kept?"""
     dataset = ZEROSHOT_READERS[dataset_format](dataset_root)
     classifier = zero_shot_classifier(clip, tokenizer, dataset.classnames)
-    predictions = zero_shot_predictions(clip, preprocess, dataset.images, classifier, batch_size=batch_size)
+    predictions = zero_shot_predictions(clip, preprocess, dataset.images, classifier, batch_size=batch_size,
+                                        num_workers=num_workers)
     items = zeroshot_correctness(dataset, predictions)
     rows = zeroshot_report(
         items, dataset.classnames, model=model, dataset=dataset_format,
@@ -112,12 +118,12 @@ def evaluate_zeroshot(
 
 def evaluate_drift(
     clip, baseline, preprocess, *, model: str, shards: Sequence, n_images: int, out_json, inputs: Sequence,
-    batch_size: int, n_boot: int, seed: int, config: dict | None = None,
+    batch_size: int, n_boot: int, seed: int, config: dict | None = None, num_workers: int = 0,
 ) -> None:
     """Penultimate patch features (what LLaVA reads) of the model vs the baseline on a fixed image sample."""
     image_paths = sorted(set(read_pair_shards(shards)["image_path"]))
     sample = fixed_image_sample(image_paths, n_images, seed=seed)
-    measurement = measure_drift(clip, baseline, preprocess, sample, batch_size=batch_size)
+    measurement = measure_drift(clip, baseline, preprocess, sample, batch_size=batch_size, num_workers=num_workers)
     rows = drift_report(measurement, model=model, n_boot=n_boot, seed=seed)
     _write_result(out_json, model=model, benchmark="drift", rows=rows, config=config,
                   inputs=inputs, seed=seed, images=len(sample))

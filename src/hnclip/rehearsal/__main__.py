@@ -1,0 +1,3 @@
+from hnclip.rehearsal.run import main
+
+main()
