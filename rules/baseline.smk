@@ -16,7 +16,7 @@ if IS_DEMO:
             run_path("benchmarks/pretrain/baseline.tsv")
         conda:
             "../envs/train.yaml"
-        threads: config["finetune"]["num_threads"]
+        threads: resource("pretrain", "threads")
         resources:
             mem_mb=scaled("pretrain", "mem_mb"),
             runtime=scaled("pretrain", "runtime"),

@@ -7,7 +7,12 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from hnclip.config import ConfigError, validate_config
 from hnclip.estimate import vqa_chunks
-from hnclip.grid import cell_path, control_cell, grid_cells, parse_cell
+from hnclip.grid import (
+    CELL_WILDCARDS,
+    MODEL_WILDCARD,
+    control_cell,
+    grid_cells,
+)
 
 try:
     config.update(validate_config(config, base_dir=Path.cwd()))
@@ -16,11 +21,10 @@ except ConfigError as error:
 
 
 wildcard_constraints:
-    model=r"baseline|alpha~[0-9.e+-]+/tau~[0-9.e+-]+/seed~[0-9]+",
+    model=MODEL_WILDCARD,
     alpha=r"[0-9.e+-]+",
     tau=r"[0-9.e+-]+",
     seed=r"[0-9]+",
-    split=r"train|val|test",
     dataset=r"vqav2|textvqa",
     chunk=r"[0-9]+",
 

@@ -4,20 +4,16 @@ rule finetune:
         train=hnc_shards("train"),
         val=hnc_shards("val"),
     output:
-        weights=run_path(
-            "finetune/alpha~{alpha}/tau~{tau}/seed~{seed}/model.safetensors"
-        ),
-        train_log=run_path("finetune/alpha~{alpha}/tau~{tau}/seed~{seed}/train_log.csv"),
-        provenance=run_path(
-            "finetune/alpha~{alpha}/tau~{tau}/seed~{seed}/provenance.json"
-        ),
+        weights=run_path(f"finetune/{CELL_WILDCARDS}/model.safetensors"),
+        train_log=run_path(f"finetune/{CELL_WILDCARDS}/train_log.csv"),
+        provenance=run_path(f"finetune/{CELL_WILDCARDS}/provenance.json"),
     log:
-        run_path("logs/finetune/alpha~{alpha}/tau~{tau}/seed~{seed}.log"),
+        run_path(f"logs/finetune/{CELL_WILDCARDS}.log"),
     benchmark:
-        run_path("benchmarks/finetune/alpha~{alpha}/tau~{tau}/seed~{seed}.tsv")
+        run_path(f"benchmarks/finetune/{CELL_WILDCARDS}.tsv")
     conda:
         "../envs/train.yaml"
-    threads: config["finetune"]["num_threads"]
+    threads: resource("finetune", "threads")
     resources:
         mem_mb=scaled("finetune", "mem_mb"),
         runtime=scaled("finetune", "runtime"),
@@ -26,7 +22,7 @@ rule finetune:
         settings=finetune_settings,
         model_name=config["model"]["clip_name"],
         # outside the declared outputs: Snakemake never deletes it when it cleans a failed or preempted job
-        state_dir=run_path("state/finetune/alpha~{alpha}/tau~{tau}/seed~{seed}"),
+        state_dir=run_path(f"state/finetune/{CELL_WILDCARDS}"),
     script:
         "../workflow_scripts/train.py"
 

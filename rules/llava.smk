@@ -17,7 +17,7 @@ if IS_DEMO:
             run_path("benchmarks/pretrain_llava/base.tsv")
         conda:
             "../envs/llava.yaml"
-        threads: config["finetune"]["num_threads"]
+        threads: resource("pretrain_llava", "threads")
         resources:
             mem_mb=scaled("pretrain_llava", "mem_mb"),
             runtime=scaled("pretrain_llava", "runtime"),

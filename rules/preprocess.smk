@@ -58,20 +58,16 @@ rule preprocess_vqa:
         "../workflow_scripts/preprocess_vqa.py"
 
 
-# The demo LLaVA's training questions: the synthetic world's train splits, read by the same code.
-rule preprocess_vqa_train:
+# The demo LLaVA's training questions: the synthetic world's train splits, read by the same rule.
+use rule preprocess_vqa as preprocess_vqa_train with:
     input:
         SYNTH_MARKER,
     output:
         run_path("data/vqa/{dataset}/train_questions.parquet"),
     log:
         run_path("logs/preprocess_vqa_train/{dataset}.log"),
-    conda:
-        "../envs/data.yaml"
-    threads: 1
-    resources:
-        mem_mb=scaled("default", "mem_mb"),
-        runtime=scaled("default", "runtime"),
+    benchmark:
+        run_path("benchmarks/preprocess_vqa_train/{dataset}.tsv")
     params:
         dataset="{dataset}",
         paths=lambda wildcards: llava_train_paths(wildcards.dataset),
@@ -79,5 +75,3 @@ rule preprocess_vqa_train:
         seed=config["preprocess"]["subsample_seed"],
         use_ocr=True,
         on_missing_image=config["preprocess"]["on_missing_image"],
-    script:
-        "../workflow_scripts/preprocess_vqa.py"

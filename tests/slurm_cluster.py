@@ -7,7 +7,7 @@ Everything lives under the folder the caller passes (config, state, logs, pidfil
 except munge's socket folder (see ClusterLayout); nothing is written to /etc and no system service
 is touched. Daemons are started directly
 (there is no systemd) and stopped by the PID from their own pidfile, never by name. The traps this
-design avoids are recorded in /work/shared/SLURM_NOTES.md.
+design avoids are recorded in docs/slurm.md.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ EDIT_MARKER = "# EDIT"
 
 # Polling keys that only make the test fast; the real profile keeps the plugin's cautious defaults.
 # squeue is the status command because this cluster has no slurmdbd, so `sacct` exits 1 and the
-# plugin would wait forever (SLURM_NOTES). squeue mode needs MinJobAge >= 3 x the initial delay.
+# plugin would wait forever (docs/slurm.md). squeue mode needs MinJobAge >= 3 x the initial delay.
 TEST_SPEED_OVERRIDES: dict[str, Any] = {
     "slurm-init-seconds-before-status-checks": 8,
     "seconds-between-status-checks": 8,
@@ -269,7 +269,7 @@ def slurm_conf_text(layout: ClusterLayout, node: NodeFacts, ports: tuple[int, in
 
 
 def gres_conf_text(layout: ClusterLayout, node: NodeFacts, gpus: int) -> str:
-    # Without File= slurmd silently drops the GPU and the node drains (SLURM_NOTES).
+    # Without File= slurmd silently drops the GPU and the node drains (docs/slurm.md).
     return "".join(
         f"NodeName={node.name} Name=gpu File={layout.fake_gpu_device(index)}\n" for index in range(gpus)
     )

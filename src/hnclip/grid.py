@@ -1,4 +1,9 @@
-"""The fine-tuning grid: cells named ``alpha~{a}/tau~{t}/seed~{s}`` with plain Python floats."""
+"""The fine-tuning grid: cells named ``alpha~{a}/tau~{t}/seed~{s}`` with plain Python floats.
+
+The one place that knows a cell's path: the rules build their paths from ``CELL_WILDCARDS`` and constrain the
+``model`` wildcard with ``MODEL_WILDCARD``; the trainer, evaluation and aggregation go through ``cell_path``,
+``parse_cell`` and ``cell_in_path``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,12 @@ import itertools
 import re
 
 BASELINE = "baseline"
+CELL_WILDCARDS = "alpha~{alpha}/tau~{tau}/seed~{seed}"
+_NUMBER = r"[0-9.e+-]+"
+# the model wildcard: the baseline or a cell (a cell spans three directories)
+MODEL_WILDCARD = rf"{BASELINE}|alpha~{_NUMBER}/tau~{_NUMBER}/seed~[0-9]+"
 _CELL_RE = re.compile(r"^alpha~(?P<alpha>[^/]+)/tau~(?P<tau>[^/]+)/seed~(?P<seed>\d+)$")
+_CELL_IN_PATH_RE = re.compile(r"(?:^|/)(alpha~[^/]+/tau~[^/]+/seed~[^/]+)/")
 
 
 def format_value(value: float) -> str:
@@ -15,7 +25,7 @@ def format_value(value: float) -> str:
 
 
 def cell_path(alpha: float, tau: float, seed: int) -> str:
-    return f"alpha~{format_value(alpha)}/tau~{format_value(tau)}/seed~{int(seed)}"
+    return CELL_WILDCARDS.format(alpha=format_value(alpha), tau=format_value(tau), seed=int(seed))
 
 
 def grid_cells(alphas, taus, seeds) -> list[str]:
@@ -39,3 +49,13 @@ def control_cell(cell: str) -> str | None:
         return None
     values = parse_cell(cell)
     return cell_path(0.0, values["tau"], values["seed"])
+
+
+def cell_in_path(path: str) -> str | None:
+    """The last grid cell named by a file's directories (``…/eval/alpha~5.0/tau~0.05/seed~1/hnc.json`` ->
+    ``alpha~5.0/tau~0.05/seed~1``), None when there is none; a malformed cell raises ``ValueError``."""
+    matches = _CELL_IN_PATH_RE.findall(path.replace("\\", "/"))
+    if not matches:
+        return None
+    parse_cell(matches[-1])
+    return matches[-1]

@@ -1,4 +1,4 @@
-"""Contrastive losses for fine-tuning CLIP with Hard Negative Captions (DESIGN.md, "The loss").
+"""Contrastive losses for fine-tuning CLIP with Hard Negative Captions (docs/design.md, "The loss").
 
 For a batch of N images with features v_i, positive captions u_i, K >= 1 HNC negatives h_ik of
 image i and M >= 0 extra random negative captions r_im of image i, with s = cosine similarity:

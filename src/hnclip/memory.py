@@ -23,6 +23,8 @@ _PEAK_PATTERN = re.compile(PEAK_LINE + r": Pss (?P<pss>[0-9.]+) MB \(anonymous (
                            r"(?P<processes>[0-9]+) process")
 
 
+# The same for processes started with these in their environment (glibc reads them at start-up).
+BOUNDED_HEAP_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 # glibc's mallopt parameters: the size from which an allocation is its own mmap, and the free space at the heap's top
 # that is given back to the system.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -34,9 +36,11 @@ def bound_heap_growth() -> bool:
 
     By default glibc raises its mmap threshold after the first large free, up to 32 MB: from then on each decoded
     image (a 1.35 MB tensor at 336 px) comes from the heap, which fragments and is not given back. A loader worker
-    decoding 300 more GQA-size images held 260 MB more at its peak, the job's process 83 MB more; with the threshold
-    fixed in both, 4 MB (tests/workflow/test_rehearsal_scale.py). Setting a threshold also turns the adjustment off.
-    Every rule's job calls it (``hnclip.workflow.run_logged``), and every loader worker.
+    decoding 300 more GQA-size images held 260 MB more at its peak; with the threshold fixed, 4 MB
+    (tests/workflow/test_rehearsal_scale.py). Setting a threshold also turns the adjustment off. Every loader worker
+    calls it (``hnclip.loader``). Not the job's own process: there every freed activation of a model run on the CPU
+    would be unmapped and mapped again, which made the demo's CPU training 2.2 times slower; on a GPU node that
+    process keeps no images and no activations on the host.
     """
     import ctypes
     import ctypes.util

@@ -13,7 +13,7 @@ import traceback
 from typing import Any, Callable
 
 from hnclip import warm
-from hnclip.memory import PeakMemory, bound_heap_growth
+from hnclip.memory import PeakMemory
 
 
 def configure_logging() -> None:
@@ -41,7 +41,6 @@ def run_logged(snakemake: Any, main: Callable[[Any], None]) -> None:
     log_path = snakemake.log[0] if len(snakemake.log) else None
     threads = int(getattr(snakemake, "threads", 1) or 1)
     _limit_torch_threads(threads)
-    bound_heap_growth()  # jobs decode thousands of images: their heap must not grow with the count
     log_file = open(log_path, "a", buffering=1) if log_path else contextlib.nullcontext(sys.stderr)
     with log_file as stream, contextlib.redirect_stderr(stream):
         configure_logging()

@@ -16,7 +16,7 @@ from PIL import Image
 from hnclip.evaluate import drift, hnc, zeroshot
 from hnclip.evaluate.stats import ReferenceAlignmentError, bootstrap_ci, mcnemar_exact
 
-# The demo's tiny tower (DESIGN.md sizing facts), built directly so these tests need no hnclip.models.
+# The demo's tiny tower (docs/design.md, "Models"), built directly so these tests need no hnclip.models.
 TINY_VISION = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32}
 TINY_TEXT = {"context_length": 16, "width": 64, "layers": 2, "heads": 2}
 

@@ -23,7 +23,7 @@ def bbox(name: str) -> dict:
 
 
 def train_record(caption: str, label: int, type_name: str, cpt_p_id: int | None) -> dict:
-    """A record with every field of the real train/val shape (DATA_SPEC.md)."""
+    """A record with every field of the real train/val shape (docs/data.md)."""
     return {
         "caption": caption,
         "label": label,
@@ -159,7 +159,7 @@ def test_test_shape_orders_caption_ids_numerically(tmp_path):
     assert [tuple(row) for row in got] == expected
 
 
-GROUP_OF_TRAIN_TYPE = {  # DATA_SPEC.md's grouping, written out independently of the library's table
+GROUP_OF_TRAIN_TYPE = {  # docs/data.md's grouping, written out independently of the library's table
     "attribute": ["attribute", "object", "attribute_subg"],
     "relation": ["relation_subj", "relation_obj", "relation_pred", "relation_attr_subj", "relation_attr_obj",
                  "relation_attr_pred"],
@@ -438,7 +438,7 @@ def test_read_pair_shards_refuses_an_unfinished_directory(tmp_path):
 
 @pytest.fixture(scope="module")
 def synthetic_world(tmp_path_factory):
-    synth = pytest.importorskip("hnclip.synth", reason="hnclip.synth (the synthetic world) is not installed")
+    from hnclip import synth
     config = synth.WorldConfig(
         n_train=60, n_val=20, n_test=20, n_vqa_train=5, n_vqa_val=10, n_textvqa_train=5, n_textvqa_val=5,
         zeroshot_per_class=1, image_size=32, duplicate_pair_rate=0.2,

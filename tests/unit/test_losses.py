@@ -1,4 +1,4 @@
-"""HNC loss vs a naive double loop over DESIGN.md's formula; edge cases, gradients, dtypes, errors."""
+"""HNC loss vs a naive double loop over docs/design.md's formula; edge cases, gradients, dtypes, errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hnclip.losses import hard_negative_accuracy, hnc_contrastive_loss, plain_cl
 torch.set_num_threads(1)
 
 
-# ---- naive reference: DESIGN.md's formula, one exp at a time --------------------------------------
+# ---- naive reference: docs/design.md's formula, one exp at a time --------------------------------------
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

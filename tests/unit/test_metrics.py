@@ -121,7 +121,7 @@ def test_vqa_whitespace_and_case():
 
 
 def test_vqa_all_identical_answers_are_still_normalised():
-    # The official script skips normalisation here and scores 0; we always normalise (DATA_SPEC).
+    # The official script skips normalisation here and scores 0; we always normalise (docs/data.md).
     assert vqa_accuracy("Yes", ["yes"] * 10) == 1.0
     assert vqa_accuracy("yes", ["Yes"] * 10) == 1.0
 

@@ -324,7 +324,7 @@ def test_write_questions_refuses_wrong_columns(vqa_files, tmp_path):
 
 @pytest.fixture(scope="module")
 def synthetic_world(tmp_path_factory):
-    synth = pytest.importorskip("hnclip.synth", reason="hnclip.synth (the synthetic world) is not installed")
+    from hnclip import synth
     config = synth.WorldConfig(
         n_train=60, n_val=20, n_test=20, n_vqa_train=5, n_vqa_val=24, n_textvqa_train=5, n_textvqa_val=12,
         zeroshot_per_class=1, image_size=32,

@@ -18,8 +18,8 @@ MODEL = "hnclip-tiny-336"
 CELL = "alpha~1.0/tau~0.05/seed~0"
 DECODED_IMAGE_MB = 3 * 336 * 336 * 4 / 1e6  # what each image would cost if a stage kept it
 # What a stage's peak may move between two sizes without holding data (measured: VQA +18 MB for 330 more questions,
-# evaluation +11 MB for 300 more images, with hnclip.memory.bound_heap_growth; without it glibc's heap grew by
-# 55 MB and 263 MB). A stage that kept its images would grow ten times faster than this allows.
+# evaluation +11 MB for 300 more images, with glibc's mmap threshold fixed (hnclip.memory.bound_heap_growth);
+# without it its heap grew by 55 MB and 263 MB). A stage that kept its images would grow ten times faster.
 NOISE_MB = 40.0
 
 

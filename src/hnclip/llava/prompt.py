@@ -1,6 +1,6 @@
 """LLaVA-1.5's evaluation prompt and image preprocessing, built by hand to match the published protocol.
 
-Sources (DATA_SPEC "LLaVA-1.5 evaluation protocol"): the ``vicuna_v1`` conversation of
+Sources (docs/data.md, "The LLaVA-1.5 evaluation protocol"): the ``vicuna_v1`` conversation of
 ``haotian-liu/LLaVA`` ``llava/conversation.py`` (system line, ``sep=" "``, roles USER/ASSISTANT, the
 assistant turn left open as ``"ASSISTANT:"``), the short-answer instruction of LLaVA's VQA question files,
 and ``expand2square`` padding with the image processor's mean colour. ``llava-hf``'s chat template drops the

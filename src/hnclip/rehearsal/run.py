@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from hnclip.config import REPO_ROOT
+from hnclip.memory import BOUNDED_HEAP_ENVIRONMENT
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +128,14 @@ def rehearsal_config(settings: RehearsalSettings, paths: dict[str, str], train_i
             "grid": {"alpha": [1.0], "tau": [0.05], "seed": [settings.seed]},
             "steps": settings.steps, "batch_size": settings.batch_size, "micro_batch_size": None,
             "warmup_steps": 1, "val_every": settings.steps, "val_pairs": 4 * settings.batch_size,
-            "checkpoint_every": settings.steps, "num_threads": threads,
+            "checkpoint_every": settings.steps,
             "image_cache_mb": 0,  # read from disk per batch at every size, as at the real size
         },
         "evaluate": {"batch_size": settings.batch_size, "n_boot": 100, "zeroshot_format": "folder",
                      "drift_images": 20},
         "llava": {"chunks": 1, "batch_size": 4, "max_new_tokens": 4, "dtype": "float32"},
-        "resources": {"finetune": {**cpu_job, "runtime": 600}, "evaluate": {**cpu_job, "runtime": 600},
+        "resources": {"default": {"threads": threads},
+                      "finetune": {**cpu_job, "runtime": 600}, "evaluate": {**cpu_job, "runtime": 600},
                       "export": {**cpu_job, "runtime": 60}, "vqa": {**cpu_job, "runtime": 600}},
         "estimate": {"train_pairs": train_pairs, "train_images": train_images},
     }
@@ -145,7 +147,10 @@ def run_pipeline(config_file: Path, settings: RehearsalSettings, workdir: Path, 
                str(workdir), "--configfile", str(config_file), "--replace-workflow-config", "--cores",
                str(settings.cores), "--printshellcmds", *(targets or ["all"])]
     log.info("running %s", " ".join(command))
-    subprocess.run(command, cwd=workdir, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # The models run on the CPU here: fixing glibc's threshold keeps their activations, which a GPU job holds on the
+    # card, from passing for host memory that grows with the data (hnclip.memory.bound_heap_growth).
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **BOUNDED_HEAP_ENVIRONMENT}
+    subprocess.run(command, cwd=workdir, check=True, env=environment)
 
 
 def peak_memory_by_stage(run_dir: Path) -> dict[str, dict[str, float]]:

@@ -1,4 +1,4 @@
-"""The results table (DESIGN "The results table"): one row per measured number, built only from the
+"""The results table (docs/design.md, "The results table"): one row per measured number, built only from the
 per-cell result files, plus the completeness check and the over-seeds aggregation the views share.
 """
 
@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from hnclip.grid import BASELINE, parse_cell
+from hnclip.grid import BASELINE, cell_in_path, parse_cell
 from hnclip.io import atomic_path, write_json
 from hnclip.provenance import provenance
 
@@ -62,17 +62,13 @@ class MissingResultError(LookupError):
 def model_from_result_path(path: str | os.PathLike) -> str:
     """The model a result file belongs to, from its path: the ``alpha~/tau~/seed~`` directories or
     a ``baseline`` directory (``results/eval/{model}/hnc_test.json``, ``results/vqa/{model}/vqav2/scores.json``)."""
-    parts = Path(path).parts
-    directories = parts[:-1]
-    for start in range(len(directories) - 3, -1, -1):  # the last cell in the path is the model's
-        alpha, tau, seed = directories[start:start + 3]
-        if alpha.startswith("alpha~") and tau.startswith("tau~") and seed.startswith("seed~"):
-            cell = f"{alpha}/{tau}/{seed}"
-            try:
-                parse_cell(cell)
-            except ValueError as error:
-                raise ResultFileError(f"{path}: {error}") from None
-            return cell
+    try:
+        cell = cell_in_path(str(path))
+    except ValueError as error:
+        raise ResultFileError(f"{path}: {error}") from None
+    if cell is not None:
+        return cell
+    directories = Path(path).parts[:-1]
     if BASELINE in directories:
         return BASELINE
     raise ResultFileError(
@@ -85,7 +81,7 @@ def _is_number(value: object) -> bool:
 
 
 def _check_row(row: object, index: int, path: Path) -> None:
-    """Every row has the DESIGN fields with the right kinds; errors name the file and row."""
+    """Every row has the results table's fields with the right kinds; errors name the file and row."""
     if not isinstance(row, dict):
         raise ResultFileError(f"{path}: rows[{index}] is a {type(row).__name__}, not an object")
     missing = [field for field in REQUIRED_ROW_FIELDS if row.get(field) is None]
@@ -189,7 +185,7 @@ def summary_provenance_path(out_csv: str | os.PathLike) -> Path:
 
 
 def build_summary(result_files: Iterable[str | os.PathLike], out_csv: str | os.PathLike) -> pd.DataFrame:
-    """Read every result file, check it, write ``out_csv`` (DESIGN's columns, sorted) and its provenance."""
+    """Read every result file, check it, write ``out_csv`` (docs/design.md's columns, sorted) and its provenance."""
     paths = sorted({Path(path) for path in result_files}, key=str)
     if not paths:
         raise ResultFileError("no result files given to build the summary from")

@@ -69,7 +69,7 @@ TQDM_OPTIONS: dict[str, Any] = {"mininterval": 2.0, "unit": "img"}
 
 
 def write_world(out_dir: str | os.PathLike, config: WorldConfig | None = None) -> dict:
-    """Write the synthetic world under ``out_dir`` (see DATA_SPEC.md for each file) and return its counts."""
+    """Write the synthetic world under ``out_dir`` (docs/data.md describes each format) and return its counts."""
     config = config or WorldConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

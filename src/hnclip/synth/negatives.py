@@ -55,7 +55,7 @@ TRAIN_TYPE_WEIGHTS: dict[str, float] = {
 }
 TRAIN_TYPES: tuple[str, ...] = tuple(TRAIN_TYPE_WEIGHTS)
 
-# HNC's 10 test type names and the train/val kind each is generated as (DATA_SPEC.md's correspondence).
+# HNC's 10 test type names and the train/val kind each is generated as (docs/data.md; hnclip.data.hnc.TEST_TYPE_EQUIVALENTS).
 TEST_TYPE_SOURCES: dict[str, tuple[str, ...]] = {
     "relation": ("relation_subj", "relation_obj", "relation_pred"),
     "attribute_relation": ("attribute_subg",),
