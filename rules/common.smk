@@ -405,10 +405,7 @@ def get_final_output():
     if IS_DEMO:
         targets.append(SYNTH_MARKER)
     targets += [run_path(f"data/hnc/{split}/stats.json") for split in HNC_SPLITS]
-    targets += expand(
-        run_path("data/vqa/{dataset}/questions.parquet"),
-        dataset=config["llava"]["datasets"],
-    )
+    targets += expand(rules.preprocess_vqa.output[0], dataset=VQA_DATASETS)
     targets += [model_weights(model) for model in MODELS]
     targets += eval_outputs()
     targets += vqa_outputs()

@@ -1,13 +1,10 @@
-# The base LLaVA and one checkpoint per model with that model's tower swapped in (LLM and projector unchanged).
+# The demo's base LLaVA, and per model its tower for the base (LLM and projector unchanged), stored alone.
 if IS_DEMO:
 
     rule pretrain_llava:
         input:
             baseline=BASELINE_WEIGHTS,
-            train=expand(
-                run_path("data/vqa/{dataset}/train_questions.parquet"),
-                dataset=VQA_DATASETS,
-            ),
+            train=expand(rules.preprocess_vqa_train.output[0], dataset=VQA_DATASETS),
             captions=hnc_shards("train"),
         output:
             directory(LLAVA_BASE),

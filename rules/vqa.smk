@@ -3,9 +3,7 @@
 rule vqa:
     input:
         checkpoint=lambda wildcards: llava_checkpoint(wildcards.model),
-        questions=expand(
-            run_path("data/vqa/{dataset}/questions.parquet"), dataset=VQA_DATASETS
-        ),
+        questions=expand(rules.preprocess_vqa.output[0], dataset=VQA_DATASETS),
     output:
         expand(
             run_path("vqa/{{model}}/{dataset}/chunk-{{chunk}}.jsonl"),
@@ -41,7 +39,7 @@ rule vqa:
 rule score_vqa:
     input:
         chunks=vqa_chunk_files,
-        questions=run_path("data/vqa/{dataset}/questions.parquet"),
+        questions=rules.preprocess_vqa.output[0],
         references=lambda wildcards: list(vqa_references(wildcards).values()),
     output:
         predictions=run_path("vqa/{model}/{dataset}/predictions.jsonl"),

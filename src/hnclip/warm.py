@@ -32,6 +32,9 @@ import traceback
 from pathlib import Path
 
 SOCKET_VARIABLE = "HNCLIP_WARM_SOCKET"
+# The server's interpreter: a job running another one (a conda environment Snakemake deployed with --sdm conda)
+# runs in its own process, since a child of the server would run the server's packages instead of the job's.
+PREFIX_VARIABLE = "HNCLIP_WARM_PREFIX"
 CHILD_VARIABLE = "HNCLIP_WARM_CHILD"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # What the pipeline's jobs import; a module that fails to import is skipped (the job then imports it itself).
@@ -100,6 +103,11 @@ def delegate(script: str) -> int | None:
     """Run ``script`` in a forked child of the warm server; its exit code, or None when no server answers."""
     path = os.environ.get(SOCKET_VARIABLE)
     if not path or in_child():
+        return None
+    server_prefix = os.environ.get(PREFIX_VARIABLE)
+    if server_prefix is not None and os.path.realpath(server_prefix) != os.path.realpath(sys.prefix):
+        print(f"hnclip.warm: this job runs in {sys.prefix}, the warm server in {server_prefix}: running it in its "
+              "own process", file=sys.stderr, flush=True)
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -229,7 +237,7 @@ def run_with_server(command: list[str], modules=PRELOAD, startup_timeout: float 
         )
         try:
             _wait_for_socket(path, server, startup_timeout)
-            return subprocess.call(command, env={**os.environ, SOCKET_VARIABLE: path})
+            return subprocess.call(command, env={**os.environ, SOCKET_VARIABLE: path, PREFIX_VARIABLE: sys.prefix})
         finally:
             server.terminate()
             try:

@@ -117,3 +117,14 @@ def test_run_wrapper_serves_the_command_and_stops_the_server(tmp_path, monkeypat
     assert warm.run_with_server([sys.executable, "job.py"], modules=("json",)) == 0
     assert read_record(tmp_path)["child"] == "1"
     assert not list(Path(tmp_path).glob("*.sock"))
+
+
+def test_a_job_in_another_interpreter_runs_in_its_own_process(server, tmp_path):
+    """A conda-deployed job (--sdm conda) must run its own environment's packages, not the server's."""
+    _, path = server
+    result = run_job(tmp_path, path, **{warm.PREFIX_VARIABLE: str(tmp_path / "conda-env")})
+    assert result.returncode == 0, result.stderr
+    assert read_record(tmp_path)["child"] is None
+    assert "running it in its own process" in result.stderr
+    same = run_job(tmp_path, path, **{warm.PREFIX_VARIABLE: sys.prefix})
+    assert same.returncode == 0 and read_record(tmp_path)["child"] == "1"

@@ -269,10 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="fine-tune steps of the one grid cell")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--vqa-questions", type=int, default=100, help="per dataset")
+    parser.add_argument("--zeroshot-images", type=int, default=None,
+                        help="default: the fraction of CIFAR-100's 10,000 test images")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = RehearsalSettings(args.fraction, args.model, args.steps, args.batch_size, args.vqa_questions,
-                                 args.cores, args.seed)
+                                 args.cores, args.seed, args.zeroshot_images)
     print(rehearse(settings))
