@@ -206,21 +206,27 @@ def _merge(base: dict, changes: dict) -> None:
             base[key] = value
 
 
-def report(run_dir: Path, config: dict[str, Any], world: dict[str, Any]) -> str:
-    """Measured peaks beside the estimate at this size and at the full counts, and the extrapolation."""
-    from hnclip.estimate import footprints
+def _estimated_mb(config: dict[str, Any], on_cpu: bool) -> dict[str, float]:
+    """Per rule, the peak host memory hnclip.estimate gives; on the CPU the model's device memory (weights,
+    optimizer state, activations) is host memory too, so the GPU estimate is added, without the CUDA context."""
+    from hnclip.estimate import CUDA_OVERHEAD_MB, footprints
 
-    here = _validated(config)
+    return {f.rule: f.host_mb + (max(0.0, f.gpu_mb - CUDA_OVERHEAD_MB) if on_cpu else 0.0)
+            for f in footprints(_validated(config))}
+
+
+def report(run_dir: Path, config: dict[str, Any], world: dict[str, Any], on_cpu: bool = True) -> str:
+    """Measured peaks beside the estimate at this size and at the full counts, and the extrapolation."""
     real_pairs = world["real_counts"]["hnc_train"]["pairs"]
-    full = _validated({**config, "estimate": {**config.get("estimate", {}),
-                                              **_train_counts(world["real_counts"])}})
-    estimated_here = {f.rule: f.host_mb for f in footprints(here)}
-    estimated_full = {f.rule: f.host_mb for f in footprints(full)}
+    estimated_here = _estimated_mb(config, on_cpu)
+    estimated_full = _estimated_mb({**config, "estimate": {**config.get("estimate", {}),
+                                                           **_train_counts(world["real_counts"])}}, on_cpu)
     counts = world["counts"]
     lines = [
         f"scale rehearsal at fraction {world['fraction']:g} of the real counts: {counts['hnc_train']['images']:,} train "
         f"images, {counts['hnc_train']['pairs']:,} pairs; {counts['vqav2']['questions']} VQA v2 + "
-        f"{counts['textvqa']['questions']} TextVQA questions; model {config['model']['clip_name']}",
+        f"{counts['textvqa']['questions']} TextVQA questions; model {config['model']['clip_name']}"
+        f"{' on the CPU' if on_cpu else ''}",
         "",
         f"{'stage':<22} {'jobs':>4} {'peak Pss MB':>12} {'anonymous':>10} {'est. MB':>8} {'est. full MB':>13} "
         f"{'extrapolated MB':>16} {'s':>7}",
@@ -232,10 +238,12 @@ def report(run_dir: Path, config: dict[str, Any], world: dict[str, Any]) -> str:
         lines.append(f"{name:<22} {peak['jobs']:>4} {peak['pss_mb']:>12.0f} {peak['anon_mb']:>10.0f} "
                      f"{_or_dash(here_mb):>8} {_or_dash(full_mb):>13} {extrapolated:>16.0f} {peak['seconds']:>7.0f}")
     lines += ["", "peak Pss: the job's process tree (loader workers included), sampled every 0.2 s (hnclip.memory); "
-                  "anonymous: its anonymous and shared-memory part. est.: hnclip.estimate's peak host memory for this config; est. full: the same settings with the "
-                  f"real {real_pairs:,} training pairs; extrapolated: measured + (est. full - est.). Image-reading "
-                  "stages stream, so their estimate does not grow with the image count (tests/workflow/"
-                  "test_rehearsal_scale.py checks that at two sizes)."]
+                  "anonymous: its anonymous and shared-memory part. est.: hnclip.estimate's peak host memory for this "
+                  "config" + (", plus its GPU memory (the CPU holds the model, its optimizer state and activations "
+                              "here)" if on_cpu else "") +
+                  f"; est. full: the same settings with the real {real_pairs:,} training pairs; extrapolated: "
+                  "measured + (est. full - est.). Image-reading stages stream, so their estimate does not grow with "
+                  "the image count (tests/workflow/test_rehearsal_scale.py checks that at two sizes)."]
     return "\n".join(lines)
 
 
@@ -257,7 +265,9 @@ def rehearse(settings: RehearsalSettings, targets: list[str] | None = None, work
     config_file = run_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     run_pipeline(config_file, settings, Path(workdir), targets)
-    text = report(run_dir, config, inputs["world"])
+    import torch
+
+    text = report(run_dir, config, inputs["world"], on_cpu=not torch.cuda.is_available())
     (run_dir / "rehearsal.txt").write_text(text + "\n")
     return text
 
