@@ -462,3 +462,19 @@ def test_synthetic_world_hnc_files_convert(synthetic_world, tmp_path, split):
     assert set(frame["type_group"]) <= set(hnc.GROUPS)
     assert all(Path(p).is_file() for p in frame["image_path"].unique())
     assert (frame["positive"].str.lower() != frame["negative"].str.lower()).all()
+
+
+def test_the_one_shard_reader_selects_columns_and_names_a_shard_that_lacks_one(tmp_path):
+    from hnclip.data.hnc import PairTableError, read_pair_tables
+
+    frame = pd.DataFrame({"image_id": ["a", "b"], "positive": ["p1", "p2"], "negative": ["n1", "n2"]})
+    good, bad = tmp_path / "part-00000.parquet", tmp_path / "part-00001.parquet"
+    frame.to_parquet(good)
+    frame.drop(columns=["negative"]).to_parquet(bad)
+    both = read_pair_tables([good, good], columns=["image_id", "negative"])
+    assert both.columns.tolist() == ["image_id", "negative"] and both["negative"].tolist() == ["n1", "n2"] * 2
+    assert read_pair_tables([good]).columns.tolist() == ["image_id", "positive", "negative"]
+    with pytest.raises(PairTableError, match=r"part-00001.parquet lacks columns \['negative'\]"):
+        read_pair_tables([good, bad], required=["negative"])
+    with pytest.raises(PairTableError, match="no pair shards given"):
+        read_pair_tables([])

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hnclip.data.hnc import PairTableError, read_pair_tables
 from hnclip.evaluate.encode import Preprocess, encode_images, encode_texts
 from hnclip.evaluate.stats import accuracy_rows, align_reference
 
@@ -27,10 +28,6 @@ BENCHMARK = "hnc_test"
 METRIC = "pairwise_accuracy"
 
 
-class PairTableError(ValueError):
-    """A pair table (shard or DataFrame) is malformed; the message names the source and the record."""
-
-
 def check_pair_columns(pairs: pd.DataFrame, source: str = "pairs") -> None:
     """Raise PairTableError naming ``source`` when a required column is missing."""
     missing = [column for column in PAIR_COLUMNS if column not in pairs.columns]
@@ -39,15 +36,8 @@ def check_pair_columns(pairs: pd.DataFrame, source: str = "pairs") -> None:
 
 
 def read_pair_shards(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
-    """Concatenate HNC pair shards (Parquet), checking each one's columns."""
-    frames = []
-    for path in paths:
-        frame = pd.read_parquet(path)
-        check_pair_columns(frame, source=str(path))
-        frames.append(frame)
-    if not frames:
-        raise PairTableError("no pair shards given")
-    return pd.concat(frames, ignore_index=True)
+    """Concatenate HNC pair shards (Parquet), checking each one's columns (``hnclip.data.hnc.read_pair_tables``)."""
+    return read_pair_tables(list(paths), required=PAIR_COLUMNS)
 
 
 def image_paths_by_id(pairs: pd.DataFrame, image_root: str | os.PathLike | None = None) -> pd.Series:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from hnclip.data.hnc import read_pair_tables
 from hnclip.evaluate.encode import load_image
 from hnclip.loader import Requests, read_ahead
 
@@ -31,14 +32,16 @@ class TrainingDataError(ValueError):
     """The training shards cannot make the requested batches; the message names the shard or setting."""
 
 
+TRAINING_COLUMNS = ("image_id", "image_path", "positive", "negative", "type_group")
+
+
 def read_shards(paths: Sequence[str | Path]) -> pd.DataFrame:
-    """Concatenate pair shards, in the given order, keeping only the columns training uses."""
-    columns = ["image_id", "image_path", "positive", "negative", "type_group"]
-    frames = [pd.read_parquet(p, columns=columns) for p in paths]
-    pairs = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    """The pair shards, in the given order, with only the columns training uses (``read_pair_tables``)."""
+    if not paths:
+        raise TrainingDataError("no training shards given")
+    pairs = read_pair_tables(paths, columns=TRAINING_COLUMNS)
     if pairs.empty:
         raise TrainingDataError(f"no training pairs in {[str(p) for p in paths]}")
-    release_arrow_memory()
     return pairs
 
 
