@@ -1,7 +1,7 @@
 """The scale rehearsal: the thesis path (real file formats, GQA-size JPEGs, the real tower's shapes) run on one machine
 at a fraction of the real counts, with every stage's peak memory set beside the estimate and extrapolated to full size.
 
-    python -m hnclip.rehearsal --fraction 0.01                  # ViT-L-14-336, random init (about 40 min on 2 cores)
+    python -m hnclip.rehearsal --fraction 0.01                  # ViT-L-14-336, random init (about an hour on 2 cores)
     python -m hnclip.rehearsal --fraction 0.01 --model hnclip-tiny-336   # 336 px images, a tiny tower (minutes)
 
 It writes ``results/rehearsal-<fraction>-<model>/``: the world (``hnclip.rehearsal.world``), a LLaVA base with the
