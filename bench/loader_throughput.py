@@ -56,14 +56,14 @@ class _LlavaPixels:
         self.colour = LLAVA_PAD_COLOUR
 
     def __call__(self, paths: tuple[str, ...]) -> torch.Tensor:
-        from hnclip.evaluate.encode import load_image
+        from hnclip.loader import load_image
         from hnclip.llava.prompt import preprocess_images
 
         return preprocess_images([load_image(p) for p in paths], self.processor, self.colour)
 
 
 def train_batches(paths: list[str], preprocess: Callable, batch_size: int, workers: int) -> Iterator[torch.Tensor]:
-    from hnclip.train.data import ImageFiles, image_batches
+    from hnclip.loader import ImageFiles, image_batches
 
     return image_batches(ImageFiles(paths, preprocess), batch_size, num_workers=workers)
 
@@ -76,7 +76,7 @@ def llava_batches(paths: list[str], image_size: int, batch_size: int, workers: i
 
 
 def decoded_only(paths: list[str], batch_size: int) -> Iterator[list]:
-    from hnclip.evaluate.encode import load_image
+    from hnclip.loader import load_image
 
     for start in range(0, len(paths), batch_size):
         yield [load_image(p) for p in paths[start:start + batch_size]]

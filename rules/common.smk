@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from hnclip.config import ConfigError, validate_config
-from hnclip.estimate import vqa_chunks
+from hnclip.estimate import rule_resources, vqa_chunks
 from hnclip.grid import (
     CELL_WILDCARDS,
     MODEL_WILDCARD,
@@ -144,9 +144,7 @@ def scaled(rule_name, field):
 
 
 def resource(rule_name, field):
-    return {**config["resources"]["default"], **config["resources"].get(rule_name, {})}[
-        field
-    ]
+    return rule_resources(config, rule_name)[field]
 
 
 @functools.cache

@@ -175,7 +175,7 @@ def vqa_chunks(config: dict) -> int:
     chunks = config["llava"]["chunks"]
     if chunks != "auto":
         return int(chunks)
-    resources = {**config["resources"].get("default", {}), **config["resources"].get("vqa", {})}
+    resources = rule_resources(config, "vqa")
     budget = resources.get("runtime", 240) * 60 * VQA_RUNTIME_SHARE - config["estimate"]["model_load_s"]
     if budget <= 0:
         raise ValueError(f"resources.vqa.runtime {resources.get('runtime')} min does not cover loading the model "
@@ -215,14 +215,16 @@ class Footprint:
     note: str = ""
 
 
-def _resources(config: dict, rule: str) -> dict:
+def rule_resources(config: dict, rule: str) -> dict:
+    """A rule's resources: ``resources.default`` overridden by ``resources.<rule>`` (the workflow asks for these)."""
     return {**config["resources"].get("default", {}), **config["resources"].get(rule, {})}
 
 
 def _loader_workers(config: dict, rule: str) -> int:
-    # hnclip.loader.default_loader_workers: the job's threads but one, at least one on a GPU, at most 8
-    threads = int(_resources(config, rule).get("threads", 1))
-    return max(1, min(threads - 1, 8))
+    from hnclip.loader import loader_workers_for
+
+    resources = rule_resources(config, rule)
+    return loader_workers_for(int(resources.get("threads", 1)), on_gpu=int(resources.get("gpu", 0)) > 0)
 
 
 def _image_batch_mb(images: int, size: int) -> float:
@@ -240,7 +242,7 @@ def _cached_train_images_mb(config: dict, clip: ClipShape) -> float:
 
 
 def finetune_footprint(config: dict, clip: ClipShape) -> Footprint:
-    f, gpus = config["finetune"], max(1, int(_resources(config, "finetune").get("gpu", 1)))
+    f, gpus = config["finetune"], max(1, int(rule_resources(config, "finetune").get("gpu", 1)))
     per_rank = math.ceil(f["batch_size"] / gpus)
     graph_batch = min(per_rank, f["micro_batch_size"] or per_rank)
     captions = 1 + f["hard_negatives_per_image"] + f["extra_random_negatives"]
@@ -328,7 +330,7 @@ def job_mem_mb(config: dict, rule: str) -> int:
 
 
 def configured_mem_mb(config: dict, rule: str) -> int:
-    value = _resources(config, rule).get("mem_mb", 2000)
+    value = rule_resources(config, rule).get("mem_mb", 2000)
     return job_mem_mb(config, rule) if value == "auto" else int(value)
 
 

@@ -1,4 +1,4 @@
-"""Work read ahead of its consumer by DataLoader worker processes, in order: training batches and VQA images.
+"""Work read ahead of its consumer by DataLoader worker processes, in order: training, evaluation and VQA images.
 
 Both the fine-tune and the VQA stage read many images; decoding them in the process that drives the GPU would leave
 the card waiting. ``read_ahead`` hands each request to a worker and gives the results back in request order, and
@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from hnclip.memory import bound_heap_growth
@@ -31,8 +34,13 @@ def default_loader_workers(device: torch.device) -> int:
     if ranks_on_node > 1 and threads == 1:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cpus // ranks_on_node)
+    return loader_workers_for(threads, on_gpu=device.type == "cuda")
+
+
+def loader_workers_for(threads: int, *, on_gpu: bool) -> int:
+    """The rule itself, for a job of ``threads`` threads (also what ``hnclip.estimate`` sizes memory by)."""
     spare = min(threads - 1, MAX_LOADER_WORKERS)
-    return max(spare, 1) if device.type == "cuda" else spare
+    return max(spare, 1) if on_gpu else spare
 
 
 class Requests:
@@ -97,3 +105,87 @@ def read_ahead(
         shutdown = getattr(results, "_shutdown_workers", None)  # the multi-process iterator's own clean-up
         if shutdown is not None:
             shutdown()
+
+
+# ---- images ---------------------------------------------------------------------------------------------------------
+# An image to encode: a file path, a PIL image, or an H×W×3 uint8 array (CIFAR keeps images in memory).
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+class ImageReadError(OSError):
+    """An image file could not be opened or decoded; the message names the file."""
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Return ``source`` as an RGB PIL image; a path is opened and fully decoded here."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, np.ndarray):
+        if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
+            raise ValueError(
+                f"in-memory image must be an H×W×3 uint8 array, not shape {source.shape} {source.dtype}"
+            )
+        return Image.fromarray(source)  # H×W×3 uint8 is RGB
+    path = Path(source)
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ImageReadError(f"cannot read image {path}: {error}") from error
+
+
+class ImageFiles:
+    """Images on disk (or in memory), read, decoded and transformed only when a batch asks for them. The readers
+    below take anything with ``len`` and ``take(indices)``: training's ``CachedImages`` too."""
+
+    def __init__(self, paths: Sequence[ImageSource], transform: Callable):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, index: int) -> torch.Tensor:
+        """One image as the model takes it: [3, H, W] float32 (an unreadable file raises ImageReadError naming it)."""
+        return self.transform(load_image(self.paths[index]))
+
+    def take(self, indices: Sequence[int]) -> torch.Tensor:
+        return torch.stack([self.read(int(i)) for i in indices])
+
+    def decoded_bytes(self) -> int:
+        """Memory all images would take decoded (they share one transform, hence one size: the first's)."""
+        return len(self) * self.read(0).nbytes if len(self) else 0
+
+
+# ---- image files read by DataLoader workers ------------------------------------------------------------------------------
+class _ImagesOfRequest:
+    """Worker side: a request (payload, indices) gives back (payload, images [n, 3, H, W])."""
+
+    def __init__(self, images: ImageFiles):
+        self.images = images
+
+    def __call__(self, request: tuple[Any, np.ndarray]) -> tuple[Any, torch.Tensor]:
+        payload, indices = request
+        return payload, self.images.take(indices)
+
+
+def read_in_order(
+    images: ImageFiles, requests: Iterable[tuple[Any, np.ndarray]], *, num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[tuple[Any, torch.Tensor]]:
+    """(payload, images) for each request in order, read by ``num_workers`` processes ahead of the consumer (0 = read
+    in this process when asked); see ``hnclip.loader.read_ahead``."""
+    return read_ahead(_ImagesOfRequest(images), requests, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def image_batches(
+    images: ImageFiles, batch_size: int, *, num_workers: int = 0, pin_memory: bool = False,
+) -> Iterator[torch.Tensor]:
+    """All images in order, ``batch_size`` at a time: [b, 3, H, W] float32. A consumer that may stop early closes
+    it (``contextlib.closing``), which stops the loader's workers at once."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, len(images), batch_size)
+    requests = Requests(lambda: ((None, np.arange(i, min(i + batch_size, len(images)))) for i in starts),
+                         length=len(starts))
+    for _, batch in read_in_order(images, requests, num_workers=num_workers, pin_memory=pin_memory):
+        yield batch

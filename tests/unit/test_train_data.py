@@ -10,13 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from hnclip.evaluate.encode import ImageReadError
+from hnclip.loader import ImageReadError
 from hnclip.models import create_clip
 from hnclip import loader as loader_module
-from hnclip.train.data import (
-    BatchMaker, BatchPlan, CachedImages, CaptionBank, ImageFiles, PairData, image_batches, read_shards,
-)
-from hnclip.loader import default_loader_workers
+from hnclip.loader import ImageFiles, default_loader_workers, image_batches
+from hnclip.train.data import BatchMaker, BatchPlan, CachedImages, CaptionBank, PairData, read_shards
 from hnclip.train.trainer import DEFAULT_IMAGE_CACHE_BYTES, Trainer, TrainSettings
 from tests.unit.test_train import _settings, _write_pairs
 

@@ -8,24 +8,15 @@ then a dot product.
 from __future__ import annotations
 
 import contextlib
-import os
-from pathlib import Path
-from typing import Callable, Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hnclip.loader import read_ahead
+from hnclip.loader import ImageFiles, ImageSource, image_batches
 
-# An image to encode: a file path, a PIL image, or an H×W×3 uint8 array (CIFAR keeps images in memory).
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 Preprocess = Callable[[Image.Image], torch.Tensor]
-
-
-class ImageReadError(OSError):
-    """An image file could not be opened or decoded; the message names the file."""
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -51,36 +42,6 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
-def load_image(source: ImageSource) -> Image.Image:
-    """Return ``source`` as an RGB PIL image; a path is opened and fully decoded here."""
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    if isinstance(source, np.ndarray):
-        if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
-            raise ValueError(
-                f"in-memory image must be an H×W×3 uint8 array, not shape {source.shape} {source.dtype}"
-            )
-        return Image.fromarray(source)  # H×W×3 uint8 is RGB
-    path = Path(source)
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as error:
-        raise ImageReadError(f"cannot read image {path}: {error}") from error
-
-
-class _PreprocessedBatch:
-    """Loader side: a range of ``sources`` gives back their preprocessed images as one [B, 3, H, W] batch."""
-
-    def __init__(self, sources: Sequence[ImageSource], preprocess: Preprocess) -> None:
-        self.sources = sources
-        self.preprocess = preprocess
-
-    def __call__(self, span: tuple[int, int]) -> torch.Tensor:
-        start, stop = span
-        return torch.stack([self.preprocess(load_image(self.sources[i])) for i in range(start, stop)])
-
-
 def preprocessed_batches(
     sources: Sequence[ImageSource],
     preprocess: Preprocess,
@@ -91,13 +52,11 @@ def preprocessed_batches(
     description: str = "images",
 ) -> Iterator[torch.Tensor]:
     """Yield preprocessed image batches (B×3×H×W) in the order of ``sources``, read ahead by ``num_workers``
-    processes (``hnclip.loader.read_ahead``, as training and VQA read theirs)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    spans = [(start, min(start + batch_size, len(sources))) for start in range(0, len(sources), batch_size)]
-    batches = read_ahead(_PreprocessedBatch(sources, preprocess), spans, num_workers=num_workers)
+    processes: the reader training and VQA use (``hnclip.loader.image_batches``)."""
+    batches = image_batches(ImageFiles(sources, preprocess), batch_size, num_workers=num_workers)
+    total = -(-len(sources) // batch_size)
     with contextlib.closing(batches):
-        yield from tqdm(batches, total=len(spans), desc=description, disable=not progress, unit="batch")
+        yield from tqdm(batches, total=total, desc=description, disable=not progress, unit="batch")
 
 
 def encode_images(

@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from hnclip.evaluate.encode import ImageSource, Preprocess, encode_images, encode_texts
+from hnclip.evaluate.encode import Preprocess, encode_images, encode_texts
+from hnclip.loader import ImageSource
 from hnclip.evaluate.stats import accuracy_rows, align_reference
 
 DEFAULT_TEMPLATES = (

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,8 +22,7 @@ import torch
 from tqdm import tqdm
 
 from hnclip.data.hnc import read_pair_tables
-from hnclip.evaluate.encode import load_image
-from hnclip.loader import Requests, read_ahead
+from hnclip.loader import ImageFiles, Requests, read_in_order
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +49,6 @@ def release_arrow_memory() -> None:
     Otherwise the process holds it for the whole run: ~100 MB beyond the tables themselves at 192 k pairs
     (bench/train_memory.py), GBs at HNC's 8.2 M."""
     pa.default_memory_pool().release_unused()
-
-
-class ImageFiles:
-    """Images on disk, read, decoded and transformed only when a batch asks for them."""
-
-    def __init__(self, paths: Sequence[str], transform: Callable):
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def read(self, index: int) -> torch.Tensor:
-        """One image as the model takes it: [3, H, W] float32 (an unreadable file raises ImageReadError naming it)."""
-        return self.transform(load_image(self.paths[index]))
-
-    def take(self, indices: Sequence[int]) -> torch.Tensor:
-        return torch.stack([self.read(int(i)) for i in indices])
-
-    def decoded_bytes(self) -> int:
-        """Memory all images would take decoded (they share one transform, hence one size: the first's)."""
-        return len(self) * self.read(0).nbytes if len(self) else 0
 
 
 class CachedImages:
@@ -268,41 +246,6 @@ class BatchMaker:
         for step in range(start, stop):
             rows = self.rows(step, rank, world_size)
             yield rows, rows.images
-
-
-# ---- images read by DataLoader workers ------------------------------------------------------------------------------
-class _ImagesOfRequest:
-    """Worker side: a request (payload, indices) gives back (payload, images [n, 3, H, W])."""
-
-    def __init__(self, images: ImageFiles | CachedImages):
-        self.images = images
-
-    def __call__(self, request: tuple[Any, np.ndarray]) -> tuple[Any, torch.Tensor]:
-        payload, indices = request
-        return payload, self.images.take(indices)
-
-
-def read_in_order(
-    images: ImageFiles | CachedImages, requests: Iterable[tuple[Any, np.ndarray]], *, num_workers: int = 0,
-    pin_memory: bool = False,
-) -> Iterator[tuple[Any, torch.Tensor]]:
-    """(payload, images) for each request in order, read by ``num_workers`` processes ahead of the consumer (0 = read
-    in this process when asked); see ``hnclip.loader.read_ahead``."""
-    return read_ahead(_ImagesOfRequest(images), requests, num_workers=num_workers, pin_memory=pin_memory)
-
-
-def image_batches(
-    images: ImageFiles | CachedImages, batch_size: int, *, num_workers: int = 0, pin_memory: bool = False,
-) -> Iterator[torch.Tensor]:
-    """All images in order, ``batch_size`` at a time: [b, 3, H, W] float32. A consumer that may stop early closes
-    it (``contextlib.closing``), which stops the loader's workers at once."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    starts = range(0, len(images), batch_size)
-    requests = Requests(lambda: ((None, np.arange(i, min(i + batch_size, len(images)))) for i in starts),
-                         length=len(starts))
-    for _, batch in read_in_order(images, requests, num_workers=num_workers, pin_memory=pin_memory):
-        yield batch
 
 
 # ---- caption tokens ------------------------------------------------------------------------------------------------

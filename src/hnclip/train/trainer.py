@@ -22,13 +22,12 @@ import torch
 from tqdm import tqdm
 
 from hnclip.io import atomic_path
-from hnclip.loader import default_loader_workers
+from hnclip.loader import ImageFiles, default_loader_workers, image_batches
 from hnclip.losses import hard_negative_accuracy, hnc_contrastive_loss, plain_clip_loss
 from hnclip.train import distributed
 from hnclip.train.checkpoint import load_state, save_state
 from hnclip.train.data import (
-    Batch, BatchMaker, BatchPlan, CachedImages, CaptionBank, ImageFiles, PairData, image_batches, release_arrow_memory,
-    tokenize_all,
+    Batch, BatchMaker, BatchPlan, CachedImages, CaptionBank, PairData, release_arrow_memory, tokenize_all,
 )
 from hnclip.train.microbatch import micro_batched_backward, set_activation_checkpointing
 from hnclip.train.text import encode_text_by_length
