@@ -13,9 +13,9 @@ $(BIN)/snakemake: pyproject.toml
 	touch $@
 
 ## demo: the whole DAG on the synthetic world, CPU only, no network. Jobs fork from a warm interpreter that has
-## torch & co imported already (hnclip.warm): ~8 s of imports per job would otherwise be most of the demo's time.
+## torch & co imported already (hnclip.pipeline.warm): ~8 s of imports per job would otherwise be most of the demo's time.
 demo: $(BIN)/snakemake
-	$(BIN)/python -m hnclip.warm run -- $(BIN)/snakemake --profile profiles/demo --cores $(CORES)
+	$(BIN)/python -m hnclip.pipeline.warm run -- $(BIN)/snakemake --profile profiles/demo --cores $(CORES)
 	@echo
 	@echo "Demo outputs (results/demo/; the thesis run writes results/thesis/):"
 	@echo "  synthetic world, real formats   synth/{gqa,hnc,vqav2,textvqa,zeroshot}"

@@ -18,9 +18,7 @@ if IS_DEMO:
             "../envs/train.yaml"
         threads: resource("pretrain", "threads")
         resources:
-            mem_mb=scaled("pretrain", "mem_mb"),
-            runtime=scaled("pretrain", "runtime"),
-            gpu=resource("pretrain", "gpu"),
+            **job_resources("pretrain", gpu=True),
         params:
             settings=pretrain_settings(),
             model_name=config["model"]["clip_name"],
@@ -43,8 +41,7 @@ else:
         conda:
             "../envs/train.yaml"
         resources:
-            mem_mb=scaled("export", "mem_mb"),
-            runtime=scaled("export", "runtime"),
+            **job_resources("export"),
         params:
             model_name=config["model"]["clip_name"],
             pretrained=raw_path("clip_weights") or config["model"]["clip_pretrained"],

@@ -5,9 +5,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from hnclip.config import ConfigError, validate_config
-from hnclip.estimate import rule_resources, vqa_chunks
-from hnclip.grid import (
+from hnclip.pipeline.config import ConfigError, validate_config
+from hnclip.pipeline.estimate import rule_resources, vqa_chunks
+from hnclip.pipeline.grid import (
     CELL_WILDCARDS,
     MODEL_WILDCARD,
     control_cell,
@@ -133,23 +133,32 @@ def raw_input(key):
     return DOWNLOAD_MARKERS[key]
 
 
-def scaled(rule_name, field):
-    """A resource of ``rule_name`` that grows with the retry attempt (memory and runtime). ``mem_mb: auto`` is the
-    stage's estimated peak host memory (hnclip.estimate), worked out when a job is scheduled, not at every parse.
-    """
-    base = resource(rule_name, field)
-    if base == "auto":
-        return lambda wildcards, attempt: estimated_mem_mb(rule_name) * attempt
-    return lambda wildcards, attempt: base * attempt
+# Memory and runtime grow with the retry attempt, so a job killed for either gets more the next time.
+GROWS_WITH_ATTEMPT = ("mem_mb", "runtime")
 
 
 def resource(rule_name, field):
-    return rule_resources(config, rule_name)[field]
+    """``resources.<rule_name>.<field>`` over ``resources.default``. Memory and runtime grow with the attempt;
+    ``mem_mb: auto`` is the stage's estimated peak host memory (hnclip.pipeline.estimate), worked out when a job
+    is scheduled, not at every parse.
+    """
+    value = rule_resources(config, rule_name)[field]
+    if field not in GROWS_WITH_ATTEMPT:
+        return value
+    if value == "auto":
+        return lambda wildcards, attempt: estimated_mem_mb(rule_name) * attempt
+    return lambda wildcards, attempt: value * attempt
+
+
+def job_resources(rule_name, gpu=False):
+    """A rule's ``resources:``: memory and runtime, and the GPU count for a rule that can run on one."""
+    fields = ("mem_mb", "runtime", "gpu") if gpu else ("mem_mb", "runtime")
+    return {field: resource(rule_name, field) for field in fields}
 
 
 @functools.cache
 def estimated_mem_mb(rule_name):
-    from hnclip.estimate import job_mem_mb
+    from hnclip.pipeline.estimate import job_mem_mb
 
     return job_mem_mb(config, rule_name)
 

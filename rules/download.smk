@@ -14,7 +14,7 @@ rule download:
     conda:
         "../envs/data.yaml"
     resources:
-        runtime=scaled("default", "runtime"),
+        runtime=resource("default", "runtime"),
     params:
         manifest=MANIFEST,
         # resources/.fetched/{entry}.json -> resources

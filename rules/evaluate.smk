@@ -20,9 +20,7 @@ rule evaluate_encoder:
         "../envs/evaluate.yaml"
     threads: resource("evaluate", "threads")
     resources:
-        mem_mb=scaled("evaluate", "mem_mb"),
-        runtime=scaled("evaluate", "runtime"),
-        gpu=resource("evaluate", "gpu"),
+        **job_resources("evaluate", gpu=True),
     params:
         references=eval_references,
         zeroshot_root=raw_path("zeroshot"),

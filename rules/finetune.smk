@@ -15,9 +15,7 @@ rule finetune:
         "../envs/train.yaml"
     threads: resource("finetune", "threads")
     resources:
-        mem_mb=scaled("finetune", "mem_mb"),
-        runtime=scaled("finetune", "runtime"),
-        gpu=resource("finetune", "gpu"),
+        **job_resources("finetune", gpu=True),
     params:
         settings=finetune_settings,
         model_name=config["model"]["clip_name"],

@@ -16,9 +16,7 @@ if IS_DEMO:
             "../envs/llava.yaml"
         threads: resource("pretrain_llava", "threads")
         resources:
-            mem_mb=scaled("pretrain_llava", "mem_mb"),
-            runtime=scaled("pretrain_llava", "runtime"),
-            gpu=resource("pretrain_llava", "gpu"),
+            **job_resources("pretrain_llava", gpu=True),
         params:
             model_name=config["model"]["clip_name"],
             settings=llava_training_settings(),
@@ -43,8 +41,7 @@ rule export:
         "../envs/llava.yaml"
     threads: resource("export", "threads")
     resources:
-        mem_mb=scaled("export", "mem_mb"),
-        runtime=scaled("export", "runtime"),
+        **job_resources("export"),
     params:
         base_dir=lambda wildcards: LLAVA_BASE,
         model_name=config["model"]["clip_name"],
@@ -66,9 +63,8 @@ rule export_full:
         run_path("benchmarks/export_full/{model}.tsv")
     conda:
         "../envs/llava.yaml"
-    threads: resource("export", "threads")
+    threads: resource("export_full", "threads")
     resources:
-        mem_mb=scaled("export_full", "mem_mb"),
-        runtime=scaled("export", "runtime"),
+        **job_resources("export_full"),
     script:
         "../workflow_scripts/export_full.py"

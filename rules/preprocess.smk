@@ -17,8 +17,7 @@ for hnc_split in HNC_SPLITS:
             "../envs/data.yaml"
         threads: 1
         resources:
-            mem_mb=scaled("default", "mem_mb"),
-            runtime=scaled("default", "runtime"),
+            **job_resources("default"),
         params:
             json=raw_path(f"hnc_{hnc_split}"),
             images_dir=raw_path("gqa_images"),
@@ -41,8 +40,7 @@ rule preprocess_vqa:
         "../envs/data.yaml"
     threads: 1
     resources:
-        mem_mb=scaled("default", "mem_mb"),
-        runtime=scaled("default", "runtime"),
+        **job_resources("default"),
     params:
         dataset="{dataset}",
         paths=lambda wildcards: vqa_raw_paths(wildcards.dataset),

@@ -21,8 +21,7 @@ rule synth:
         "../envs/data.yaml"
     threads: 1
     resources:
-        mem_mb=scaled("default", "mem_mb"),
-        runtime=scaled("default", "runtime"),
+        **job_resources("default"),
     params:
         world=config["synth"],
         out_dir=lambda wildcards, output: str(Path(output.world).parent),

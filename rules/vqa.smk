@@ -17,9 +17,7 @@ rule vqa:
         "../envs/llava.yaml"
     threads: resource("vqa", "threads")
     resources:
-        mem_mb=scaled("vqa", "mem_mb"),
-        runtime=scaled("vqa", "runtime"),
-        gpu=resource("vqa", "gpu"),
+        **job_resources("vqa", gpu=True),
     params:
         datasets=VQA_DATASETS,
         # outside the declared outputs: a killed or preempted job resumes from them
@@ -50,8 +48,7 @@ rule score_vqa:
     conda:
         "../envs/evaluate.yaml"
     resources:
-        mem_mb=scaled("default", "mem_mb"),
-        runtime=scaled("default", "runtime"),
+        **job_resources("default"),
     params:
         references=vqa_references,
         settings=eval_settings(),

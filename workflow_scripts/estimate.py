@@ -1,8 +1,8 @@
-from hnclip.workflow import run_logged
+from hnclip.pipeline.workflow import run_logged
 
 
 def main(smk):
-    from hnclip.estimate import footprints, format_estimate, stage_costs
+    from hnclip.pipeline.estimate import footprints, format_estimate, stage_costs
 
     config = smk.params.config
     table = format_estimate(stage_costs(config), footprints(config), config)

@@ -1,4 +1,4 @@
-from hnclip.workflow import run_logged
+from hnclip.pipeline.workflow import run_logged
 
 
 def main(smk):

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from hnclip.workflow import run_logged
+from hnclip.pipeline.workflow import run_logged
 
 
 def main(smk):

@@ -38,7 +38,7 @@ def default_loader_workers(device: torch.device) -> int:
 
 
 def loader_workers_for(threads: int, *, on_gpu: bool) -> int:
-    """The rule itself, for a job of ``threads`` threads (also what ``hnclip.estimate`` sizes memory by)."""
+    """The rule itself, for a job of ``threads`` threads (also what ``hnclip.pipeline.estimate`` sizes memory by)."""
     spare = min(threads - 1, MAX_LOADER_WORKERS)
     return max(spare, 1) if on_gpu else spare
 

@@ -2,7 +2,7 @@
 
 Snakemake's ``benchmark:`` samples every 30 s once a job has run 15 s, so it misses the peak of a long job; a cluster
 job's memory limit counts every process of the job. Every rule adapter therefore samples its own process tree every
-``SAMPLE_INTERVAL_S`` and writes the peak into the rule's log (``hnclip.workflow.run_logged``); the scale rehearsal
+``SAMPLE_INTERVAL_S`` and writes the peak into the rule's log (``hnclip.pipeline.workflow.run_logged``); the scale rehearsal
 reads it back from there.
 
 Pss (proportional set size) splits a page shared by several processes between them: summed over a tree it is the

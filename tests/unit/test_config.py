@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from hnclip.config import REPO_ROOT, ConfigError, load_schema, load_yaml, validate_config
+from hnclip.pipeline.config import REPO_ROOT, ConfigError, load_schema, load_yaml, validate_config
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_defaults_fill_every_described_key(schema):
 
 
 def _walk_properties(node, root, path=""):
-    from hnclip.config import _resolve_ref
+    from hnclip.pipeline.config import _resolve_ref
 
     for key, sub in node.get("properties", {}).items():
         sub = _resolve_ref(sub, root)

@@ -18,21 +18,23 @@ import pytest
 import yaml
 
 from hnclip.data import download as dl
+from hnclip.data.archive import extraction_marker_path
 from hnclip.data.download import (
     ChecksumMismatchError,
     DownloadError,
     HTTPStatusError,
+    SizeMismatchError,
+    download,
+    read_sidecar,
+    sidecar_path,
+)
+from hnclip.data.manifest import (
     ManifestError,
     ManualDownloadRequired,
     MissingOutputError,
-    SizeMismatchError,
-    download,
-    extraction_marker_path,
     fetch_manifest_entry,
     fetch_record_path,
     load_manifest,
-    read_sidecar,
-    sidecar_path,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -491,11 +493,26 @@ def archive_entry(url: str, body: bytes, **overrides) -> dict:
     return entry
 
 
-def test_fetch_archive_entry_downloads_extracts_and_then_skips(server, tmp_path):
+@dataclass
+class ServedArchive:
+    body: bytes
+    url: str
+    manifest: Path
+    resources: Path
+
+
+@pytest.fixture
+def served_archive(server, tmp_path) -> ServedArchive:
+    """The scene-graph zip on the loopback server, a manifest entry ``gqa_scene_graphs`` for it, no download yet."""
     body = zip_bytes(SCENE_GRAPHS)
     url = server.serve("/sceneGraphs.zip", body)
     manifest = write_manifest(tmp_path / "m.yaml", {"gqa_scene_graphs": archive_entry(url, body)})
-    resources = tmp_path / "resources"
+    return ServedArchive(body, url, manifest, tmp_path / "resources")
+
+
+def test_fetch_archive_entry_downloads_extracts_and_then_skips(server, served_archive):
+    body, url, manifest, resources = (served_archive.body, served_archive.url, served_archive.manifest,
+                                      served_archive.resources)
 
     outputs = fetch_manifest_entry("gqa_scene_graphs", manifest, resources, **FAST)
 
@@ -510,16 +527,13 @@ def test_fetch_archive_entry_downloads_extracts_and_then_skips(server, tmp_path)
     assert len(server.requests) == 1
 
 
-def test_damaged_extraction_is_redone_from_the_kept_archive(server, tmp_path):
-    body = zip_bytes(SCENE_GRAPHS)
-    url = server.serve("/sceneGraphs.zip", body)
-    manifest = write_manifest(tmp_path / "m.yaml", {"g": archive_entry(url, body)})
-    resources = tmp_path / "resources"
-    outputs = fetch_manifest_entry("g", manifest, resources, **FAST)
+def test_damaged_extraction_is_redone_from_the_kept_archive(server, served_archive):
+    manifest, resources = served_archive.manifest, served_archive.resources
+    outputs = fetch_manifest_entry("gqa_scene_graphs", manifest, resources, **FAST)
 
     outputs[0].write_bytes(b"{")  # truncated by a full disk, say
 
-    fetch_manifest_entry("g", manifest, resources, **FAST)
+    fetch_manifest_entry("gqa_scene_graphs", manifest, resources, **FAST)
     assert outputs[0].read_bytes() == SCENE_GRAPHS["train_sceneGraphs.json"]
     assert len(server.requests) == 1  # the archive was verified from its sidecar, not fetched again
 

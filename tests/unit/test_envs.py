@@ -6,7 +6,7 @@ import tomllib
 import pytest
 import yaml
 
-from hnclip.config import REPO_ROOT
+from hnclip.pipeline.config import REPO_ROOT
 
 ENV_FILES = sorted((REPO_ROOT / "envs").glob("*.yaml"))
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from hnclip.config import REPO_ROOT, load_yaml, validate_config
-from hnclip.estimate import (
+from hnclip.pipeline.config import REPO_ROOT, load_yaml, validate_config
+from hnclip.pipeline.estimate import (
     Footprint,
     clip_shape,
     configured_mem_mb,

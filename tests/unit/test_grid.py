@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from hnclip.grid import cell_path, control_cell, grid_cells, parse_cell
+from hnclip.pipeline.grid import cell_path, control_cell, grid_cells, parse_cell
 
 
 def test_cells_are_alpha_major_and_spelled_once():
@@ -27,7 +27,7 @@ def test_parse_rejects_other_names():
 
 
 def test_the_cell_a_result_path_names_is_found_and_checked():
-    from hnclip.grid import CELL_WILDCARDS, MODEL_WILDCARD, cell_in_path
+    from hnclip.pipeline.grid import CELL_WILDCARDS, MODEL_WILDCARD, cell_in_path
 
     assert cell_in_path("results/demo/eval/alpha~5.0/tau~0.05/seed~1/hnc.json") == "alpha~5.0/tau~0.05/seed~1"
     assert cell_in_path("results/demo/vqa/baseline/vqav2/scores.json") is None

@@ -53,17 +53,20 @@ TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num
                   image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu")
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """A toy question table, its tokenizer and a random tiny tower with projection."""
-    root = tmp_path_factory.mktemp("toy")
-    questions = write_toy_vqa_questions(root / "images", n_images=24, seed=3)
+def toy_world(root, *, n_images: int, seed: int) -> dict:
+    """A toy question table under ``root`` (also as Parquet), its tokenizer and a random tiny tower with projection."""
+    questions = write_toy_vqa_questions(root / "images", n_images=n_images, seed=seed)
     parquet = root / "questions.parquet"
     questions.to_parquet(parquet)
     tokenizer = train_demo_tokenizer(tokenizer_training_texts(questions), root / "tokenizer")
     torch.manual_seed(0)
     tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_TOWER)).eval()
     return {"root": root, "questions": questions, "parquet": parquet, "tokenizer": tokenizer, "tower": tower}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return toy_world(tmp_path_factory.mktemp("toy"), n_images=24, seed=3)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -10,9 +10,8 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from hnclip.llava.demo_model import build_demo_llava, demo_image_processor, save_demo_llava, write_toy_vqa_questions
+from hnclip.llava.demo_model import build_demo_llava, demo_image_processor, save_demo_llava
 from hnclip.llava.infer import (
     PredictionFileError,
     QuestionTableError,
@@ -25,14 +24,12 @@ from hnclip.llava.infer import (
     LlavaForInference,
     read_completed_predictions,
 )
-from hnclip.llava.pretrain import pretrain_demo_llava, tokenizer_training_texts
+from hnclip.llava.pretrain import pretrain_demo_llava
 from hnclip.llava.prompt import expand_image_tokens, llava15_prompt, preprocess_images
-from hnclip.llava.tokenizer import train_demo_tokenizer
+
+from tests.unit.test_llava_demo import TINY_TOWER, toy_world
 
 torch.set_num_threads(1)
-
-TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                  image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu")
 MAX_NEW_TOKENS = 6
 
 
@@ -54,12 +51,8 @@ def _input_sensitive(model):
 def demo(tmp_path_factory):
     """A tiny LLaVA trained for a few steps on toy questions, plus an untrained twin that babbles long answers."""
     root = tmp_path_factory.mktemp("demo")
-    questions = write_toy_vqa_questions(root / "images", n_images=14, seed=7)
-    parquet = root / "questions.parquet"
-    questions.to_parquet(parquet)
-    tokenizer = train_demo_tokenizer(tokenizer_training_texts(questions), root / "tokenizer")
-    torch.manual_seed(0)
-    tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_TOWER)).eval()
+    world = toy_world(root, n_images=14, seed=7)
+    questions, parquet, tokenizer, tower = world["questions"], world["parquet"], world["tokenizer"], world["tower"]
     processor = demo_image_processor(tower.config)
     trained = build_demo_llava(tower, tokenizer, text_hidden=32, text_heads=2, seed=0)
     pretrain_demo_llava(trained, tokenizer, processor, [parquet], steps=15, lr=3e-3, batch_size=8, seed=0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hnclip.metrics import (
+from hnclip.llava.metrics import (
     CONTRACTIONS,
     normalize_textvqa_answer,
     normalize_vqa_answer,

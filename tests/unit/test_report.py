@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hnclip.grid import BASELINE, cell_path, grid_cells
+from hnclip.pipeline.grid import BASELINE, cell_path, grid_cells
 from hnclip.provenance import sha256_file
 from hnclip.report import figures, style
 from hnclip.report.figures import (

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hnclip.data.download import (
+from hnclip.data.archive import (
     ArchiveFormatError,
     UnsafeArchiveError,
     extraction_marker_path,
@@ -147,6 +147,17 @@ def test_verify_extraction_reports_missing_marker_and_missing_files(tmp_path):
     assert verify_extraction(archive, dest) == [f"{dest / 'top.json'} is missing"]
 
 
+
+def assert_refused_leaving_nothing(archive: Path, dest: Path, member: str, reason: str) -> None:
+    """Extraction refuses ``member`` for ``reason``, naming it, and leaves neither the destination nor staging."""
+    with pytest.raises(UnsafeArchiveError) as caught:
+        safe_extract(archive, dest)
+
+    assert caught.value.member == member
+    assert repr(member) in str(caught.value) and reason in str(caught.value)
+    assert not dest.exists()
+    assert leftovers(dest.parent) == []
+
 MALICIOUS_ZIPS = {
     "dotdot": (dict(members={"../evil.txt": b"x"}), "../evil.txt", "'..' path component"),
     "nested_dotdot": (dict(members={"ok/../../evil.txt": b"x"}), "ok/../../evil.txt", "'..' path component"),
@@ -168,13 +179,7 @@ def test_malicious_zip_is_refused_naming_the_member(tmp_path, case):
                        symlinks=spec.get("symlinks"), special=spec.get("special"))
     dest = tmp_path / "work" / "dest"
 
-    with pytest.raises(UnsafeArchiveError) as caught:
-        safe_extract(archive, dest)
-
-    assert caught.value.member == member
-    assert repr(member) in str(caught.value) and reason in str(caught.value)
-    assert not dest.exists()
-    assert leftovers(dest.parent) == []
+    assert_refused_leaving_nothing(archive, dest, member, reason)
     assert not (tmp_path / "work" / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
     assert not Path("/tmp/hnclip-evil.txt").exists()
 
@@ -214,13 +219,7 @@ def test_malicious_tar_is_refused_naming_the_member(tmp_path, case):
     archive = make_tar(tmp_path / f"{case}.tar.gz", [tar_member("harmless.txt", data=b"ok"), *members])
     dest = tmp_path / "work" / "dest"
 
-    with pytest.raises(UnsafeArchiveError) as caught:
-        safe_extract(archive, dest)
-
-    assert caught.value.member == member
-    assert repr(member) in str(caught.value) and reason in str(caught.value)
-    assert not dest.exists()
-    assert leftovers(dest.parent) == []
+    assert_refused_leaving_nothing(archive, dest, member, reason)
     assert (tmp_path / "outside.txt").read_text() == "precious"
     assert not (tmp_path / "work" / "evil.txt").exists()
     assert not Path("/tmp/hnclip-evil.txt").exists()

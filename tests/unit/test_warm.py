@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from hnclip import warm
+from hnclip.pipeline import warm
 
 JOB = textwrap.dedent(
     """
     import json, os, signal, sys, time
     from types import SimpleNamespace
-    from hnclip.workflow import run_logged
+    from hnclip.pipeline.workflow import run_logged
 
     def main(smk):
         print("to stdout", flush=True)
@@ -41,7 +41,7 @@ JOB = textwrap.dedent(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("warm") / "s.sock")
-    process = subprocess.Popen([sys.executable, "-m", "hnclip.warm", "serve", "--socket", path, "--preload", "json"])
+    process = subprocess.Popen([sys.executable, "-m", "hnclip.pipeline.warm", "serve", "--socket", path, "--preload", "json"])
     deadline = time.monotonic() + 60
     while not os.path.exists(path):
         assert process.poll() is None, "the server exited"

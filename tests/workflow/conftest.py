@@ -13,8 +13,8 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def run_snakemake(*args, cwd=REPO, timeout=900, check=True, warm=False) -> subprocess.CompletedProcess:
-    """Snakemake on this repository's Snakefile; ``warm``: under hnclip.warm, as ``make demo`` runs it."""
-    wrapper = [sys.executable, "-m", "hnclip.warm", "run", "--"] if warm else []
+    """Snakemake on this repository's Snakefile; ``warm``: under hnclip.pipeline.warm, as ``make demo`` runs it."""
+    wrapper = [sys.executable, "-m", "hnclip.pipeline.warm", "run", "--"] if warm else []
     result = subprocess.run(
         [*wrapper, *SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), *args],
         cwd=cwd, capture_output=True, text=True, timeout=timeout,

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from hnclip.config import REPO_ROOT, load_yaml, validate_config
-from hnclip.estimate import clip_shape, finetune_footprint
+from hnclip.pipeline.config import REPO_ROOT, load_yaml, validate_config
+from hnclip.pipeline.estimate import clip_shape, finetune_footprint
 from hnclip.rehearsal.run import RehearsalSettings, peak_memory_by_stage, rehearse
 
 SMALL, LARGE = 0.002, 0.008

@@ -100,14 +100,14 @@ def test_profile_gives_every_gpu_rule_one_gpu_on_the_gpu_partition() -> None:
 
 
 def rules_declaring_a_gpu(rule_files: list[Path]) -> set[str]:
-    """Names of the rules whose body (up to the next `rule`) sets a `gpu=` resource."""
+    """Names of the rules whose body (up to the next `rule`) asks for a GPU: `job_resources(…, gpu=True)`."""
     names = set()
     for rule_file in rule_files:
         text = rule_file.read_text()
         headers = list(RULE_HEADER.finditer(text))
         for header, following in zip(headers, [*headers[1:], None]):
             body = text[header.end() : following.start() if following else len(text)]
-            if re.search(r"^\s*gpu\s*=", body, re.MULTILINE):
+            if re.search(r"^\s*\*\*job_resources\([^)]*\bgpu=True\)", body, re.MULTILINE):
                 names.add(header.group(1))
     return names
 
@@ -115,9 +115,10 @@ def rules_declaring_a_gpu(rule_files: list[Path]) -> set[str]:
 def test_rules_declaring_a_gpu_finds_only_gpu_rules(tmp_path: Path) -> None:
     smk = tmp_path / "stage.smk"
     smk.write_text(
-        "rule cpu_one:\n    resources:\n        mem_mb=10,\n"
-        "if X:\n\n    rule gpu_one:\n        resources:\n            gpu=resource('a', 'gpu'),\n"
-        "rule cpu_two:\n    params:\n        gpus_wanted=2,\n"
+        "rule cpu_one:\n    resources:\n        **job_resources('a'),\n"
+        "if X:\n\n    rule gpu_one:\n        resources:\n            **job_resources('a', gpu=True),\n"
+        "rule cpu_two:\n    params:\n        gpu=True,\n"
+        "rule cpu_three:\n    resources:\n        **job_resources('a', gpu=False),\n"
     )
     assert rules_declaring_a_gpu([smk]) == {"gpu_one"}
 

@@ -67,8 +67,8 @@ def test_thesis_dry_run_downloads_and_has_one_finetune_job_per_grid_cell(tmp_pat
 
 
 def test_thesis_jobs_ask_for_the_memory_the_estimate_prints(tmp_path):
-    from hnclip.config import load_yaml, validate_config
-    from hnclip.estimate import job_mem_mb
+    from hnclip.pipeline.config import load_yaml, validate_config
+    from hnclip.pipeline.estimate import job_mem_mb
 
     output = run_snakemake("-n", "--directory", str(tmp_path), *THESIS).stdout
     config = validate_config(load_yaml(REPO / "config.yaml"), base_dir=REPO)

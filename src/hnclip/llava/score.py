@@ -17,7 +17,7 @@ import pandas as pd
 from hnclip.evaluate.stats import align_reference, bootstrap_ci, paired_bootstrap
 from hnclip.io import atomic_path, write_json
 from hnclip.llava.predictions import gather_chunks
-from hnclip.metrics import textvqa_accuracy, textvqa_exact_match, vqa_accuracy
+from hnclip.llava.metrics import textvqa_accuracy, textvqa_exact_match, vqa_accuracy
 from hnclip.provenance import provenance
 
 log = logging.getLogger(__name__)

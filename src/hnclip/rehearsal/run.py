@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from hnclip.config import REPO_ROOT
+from hnclip.pipeline.config import REPO_ROOT
 from hnclip.memory import BOUNDED_HEAP_ENVIRONMENT
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def _job_seconds(benchmark: Path) -> float:
 
 def over_thesis_config(changes: dict[str, Any]) -> dict[str, Any]:
     """config.yaml with ``changes`` merged in: the run's whole config, written beside its results."""
-    from hnclip.config import load_yaml
+    from hnclip.pipeline.config import load_yaml
 
     merged = load_yaml(REPO_ROOT / "config.yaml")
     _merge(merged, changes)
@@ -192,7 +192,7 @@ def over_thesis_config(changes: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validated(config: dict[str, Any]) -> dict[str, Any]:
-    from hnclip.config import validate_config
+    from hnclip.pipeline.config import validate_config
 
     return validate_config(copy.deepcopy(config), base_dir=REPO_ROOT)
 
@@ -207,9 +207,9 @@ def _merge(base: dict, changes: dict) -> None:
 
 
 def _estimated_mb(config: dict[str, Any], on_cpu: bool) -> dict[str, float]:
-    """Per rule, the peak host memory hnclip.estimate gives; on the CPU the model's device memory (weights,
+    """Per rule, the peak host memory hnclip.pipeline.estimate gives; on the CPU the model's device memory (weights,
     optimizer state, activations) is host memory too, so the GPU estimate is added, without the CUDA context."""
-    from hnclip.estimate import CUDA_OVERHEAD_MB, footprints
+    from hnclip.pipeline.estimate import CUDA_OVERHEAD_MB, footprints
 
     return {f.rule: f.host_mb + (max(0.0, f.gpu_mb - CUDA_OVERHEAD_MB) if on_cpu else 0.0)
             for f in footprints(_validated(config))}
@@ -238,7 +238,7 @@ def report(run_dir: Path, config: dict[str, Any], world: dict[str, Any], on_cpu:
         lines.append(f"{name:<22} {peak['jobs']:>4} {peak['pss_mb']:>12.0f} {peak['anon_mb']:>10.0f} "
                      f"{_or_dash(here_mb):>8} {_or_dash(full_mb):>13} {extrapolated:>16.0f} {peak['seconds']:>7.0f}")
     lines += ["", "peak Pss: the job's process tree (loader workers included), sampled every 0.2 s (hnclip.memory); "
-                  "anonymous: its anonymous and shared-memory part. est.: hnclip.estimate's peak host memory for this "
+                  "anonymous: its anonymous and shared-memory part. est.: hnclip.pipeline.estimate's peak host memory for this "
                   "config" + (", plus its GPU memory (the CPU holds the model, its optimizer state and activations "
                               "here)" if on_cpu else "") +
                   f"; est. full: the same settings with the real {real_pairs:,} training pairs; extrapolated: "

@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from hnclip.grid import BASELINE, parse_cell
+from hnclip.pipeline.grid import BASELINE, parse_cell
 from hnclip.report.style import (
     DOUBLE_COLUMN_IN, LINESTYLES, MARKERS, OKABE_ITO, PALETTE, ROLE_COLOURS, SEQUENTIAL_CMAP, SINGLE_COLUMN_IN,
     mark_partial, new_figure, save_figure, thesis_style,

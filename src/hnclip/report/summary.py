@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from hnclip.grid import BASELINE, cell_in_path, parse_cell
+from hnclip.pipeline.grid import BASELINE, cell_in_path, parse_cell
 from hnclip.io import atomic_path, write_json
 from hnclip.provenance import provenance
 

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from hnclip.grid import BASELINE
+from hnclip.pipeline.grid import BASELINE
 from hnclip.io import atomic_path, write_text
 from hnclip.report.summary import SUBSET_ORDER, aggregate_over_seeds, setting_of
 

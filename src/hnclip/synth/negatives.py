@@ -224,23 +224,28 @@ class PairMaker:
 
     # ------------------------------------------------------------ attribute kinds
 
-    def _attribute(self) -> CaptionPair | None:
+    def _described_attribute(self) -> tuple[Desc, str, str] | None:
+        """A random object's description that leaves out one random attribute kind, that kind and its value."""
         target = self.rng.choice(self.ids)
         kind = self._attribute_kind()
         subject = self.minimal_desc(target, without=kind)
         if subject is None:
             return None
-        value = self.attribute(target, kind)
+        return subject, kind, self.attribute(target, kind)
+
+    def _attribute(self) -> CaptionPair | None:
+        described = self._described_attribute()
+        if described is None:
+            return None
+        subject, kind, value = described
         edits = ((AttrClaim(subject, v), value, v) for v in self._other_values(kind, value))
         return self._first_false("attribute", AttrClaim(subject, value), edits)
 
     def _object(self) -> CaptionPair | None:
-        target = self.rng.choice(self.ids)
-        kind = self._attribute_kind()
-        subject = self.minimal_desc(target, without=kind)
-        if subject is None:
+        described = self._described_attribute()
+        if described is None:
             return None
-        value = self.attribute(target, kind)
+        subject, _, value = described
         edits = (
             (AttrClaim(replace(subject, noun=s), value), subject.noun, s) for s in self._other_shapes(subject.noun)
         )
@@ -404,13 +409,7 @@ class PairMaker:
         if None in (subject, o1, o2):
             return None
         positive = AndRelClaim(subject, t1[1], o1, t2[1], o2)
-        edits = []
-        for position in self._shuffled([0, 1]):
-            old = (t1, t2)[position][1]
-            for r in self._relation_edits(old):
-                edit = replace(positive, first_relation=r) if position == 0 else replace(positive, second_relation=r)
-                edits.append((edit, old, r))
-        return self._first_false("and_logic_rel", positive, edits)
+        return self._first_false("and_logic_rel", positive, self._either_relation_edits(positive, t1, t2))
 
     def _and_relation_existential(self, t1, t2) -> CaptionPair | None:
         o1, o2 = self.minimal_desc(t1[2]), self.minimal_desc(t2[2])
@@ -419,13 +418,17 @@ class PairMaker:
         positive = AndExistRelClaim(Desc(self.shape(t1[0])), t1[1], o1, Desc(self.shape(t2[0])), t2[1], o2)
         if positive.first_subject == positive.second_subject and t1[1:] == t2[1:]:
             return None
+        return self._first_false("and_logic_rel", positive, self._either_relation_edits(positive, t1, t2))
+
+    def _either_relation_edits(self, positive, t1, t2) -> list:
+        """Edits of a two-relation claim that change one of its relations, the two relations in random order."""
         edits = []
         for position in self._shuffled([0, 1]):
             old = (t1, t2)[position][1]
             for r in self._relation_edits(old):
                 edit = replace(positive, first_relation=r) if position == 0 else replace(positive, second_relation=r)
                 edits.append((edit, old, r))
-        return self._first_false("and_logic_rel", positive, edits)
+        return edits
 
     def absent_desc(self) -> Desc | None:
         """A colour-shape description matching nothing in the scene, preferably of a shape that is there."""

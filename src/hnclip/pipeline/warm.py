@@ -1,8 +1,8 @@
 """A warm interpreter for many short local jobs: import torch & co once, fork a child per Snakemake job.
 
 On 2 cores, importing torch, open_clip and transformers costs ~8 s per job, more than many demo jobs compute. Under
-``python -m hnclip.warm run -- <command>`` a server imports them once and listens on a Unix socket named in
-``HNCLIP_WARM_SOCKET``. Each job's adapter (:func:`hnclip.workflow.run_logged`) then hands its script to the
+``python -m hnclip.pipeline.warm run -- <command>`` a server imports them once and listens on a Unix socket named in
+``HNCLIP_WARM_SOCKET``. Each job's adapter (:func:`hnclip.pipeline.workflow.run_logged`) then hands its script to the
 server, which forks a child that already has everything imported. The child runs the very same script file with the
 job's working directory, environment and standard streams (passed over the socket), so logs, outputs and exit
 codes are those of a normal run; the adapter waits for it and forwards SIGTERM/SIGINT/SIGUSR1 to it.
@@ -106,7 +106,7 @@ def delegate(script: str) -> int | None:
         return None
     server_prefix = os.environ.get(PREFIX_VARIABLE)
     if server_prefix is not None and os.path.realpath(server_prefix) != os.path.realpath(sys.prefix):
-        print(f"hnclip.warm: this job runs in {sys.prefix}, the warm server in {server_prefix}: running it in its "
+        print(f"hnclip.pipeline.warm: this job runs in {sys.prefix}, the warm server in {server_prefix}: running it in its "
               "own process", file=sys.stderr, flush=True)
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -233,7 +233,7 @@ def run_with_server(command: list[str], modules=PRELOAD, startup_timeout: float 
     with tempfile.TemporaryDirectory(prefix="hnclip-warm-") as tmp:
         path = str(Path(tmp) / "server.sock")
         server = subprocess.Popen(
-            [sys.executable, "-m", "hnclip.warm", "serve", "--socket", path, "--preload", ",".join(modules)]
+            [sys.executable, "-m", "hnclip.pipeline.warm", "serve", "--socket", path, "--preload", ",".join(modules)]
         )
         try:
             _wait_for_socket(path, server, startup_timeout)
@@ -258,7 +258,7 @@ def _wait_for_socket(path: str, server: subprocess.Popen, timeout: float) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hnclip.warm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hnclip.pipeline.warm", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="verb", required=True)
     serve_parser = commands.add_parser("serve", help="preload, then serve jobs on a Unix socket until SIGTERM")
     serve_parser.add_argument("--socket", required=True)

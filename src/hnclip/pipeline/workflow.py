@@ -1,7 +1,7 @@
 """What every rule adapter in workflow_scripts/ shares: log to the rule's log file, then call one function.
 
 Adapters import the library inside ``main``: the adapter process then stays light enough to hand the job to a warm
-server (:mod:`hnclip.warm`), where those imports are already done.
+server (:mod:`hnclip.pipeline.warm`), where those imports are already done.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import traceback
 from typing import Any, Callable
 
-from hnclip import warm
+from hnclip.pipeline import warm
 from hnclip.memory import PeakMemory
 
 
@@ -30,7 +30,7 @@ def run_logged(snakemake: Any, main: Callable[[Any], None]) -> None:
     """Run ``main(snakemake)`` with stderr and logging redirected to ``snakemake.log[0]``.
 
     Errors are written to the log with their traceback and re-raised so Snakemake marks the job failed. Under a
-    warm server (:mod:`hnclip.warm`) the script runs in a forked child of it instead, with this process's streams,
+    warm server (:mod:`hnclip.pipeline.warm`) the script runs in a forked child of it instead, with this process's streams,
     and this process exits with the child's code.
     """
     exit_code = warm.delegate(main.__code__.co_filename)
