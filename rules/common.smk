@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from hnclip.pipeline.config import ConfigError, validate_config
+from hnclip.llava.prompt import prompt_variant
 from hnclip.pipeline.estimate import rule_resources, vqa_chunks
 from hnclip.pipeline.grid import (
     CELL_WILDCARDS,
@@ -25,7 +26,7 @@ wildcard_constraints:
     alpha=r"[0-9.e+-]+",
     tau=r"[0-9.e+-]+",
     seed=r"[0-9]+",
-    dataset=r"vqav2|textvqa",
+    dataset=r"vqav2|textvqa|vqav2_testdev",
     chunk=r"[0-9]+",
 
 
@@ -89,6 +90,15 @@ DOWNLOADS = {
         "raw/vqav2/v2_mscoco_val2014_annotations.json",
     ),
     "vqav2_images": ("coco_val2014_images", "raw/vqav2/val2014"),
+    "vqav2_testdev_questions": (
+        "vqav2_test_questions",
+        "raw/vqav2/v2_OpenEnded_mscoco_test-dev2015_questions.json",
+    ),
+    "vqav2_test_questions": (
+        "vqav2_test_questions",
+        "raw/vqav2/v2_OpenEnded_mscoco_test2015_questions.json",
+    ),
+    "vqav2_test_images": ("coco_test2015_images", "raw/vqav2/test2015"),
     "textvqa_questions": ("textvqa_val", "raw/textvqa/TextVQA_0.5.1_val.json"),
     "textvqa_ocr": (
         "textvqa_rosetta_ocr_val",
@@ -175,6 +185,7 @@ def hnc_shards(split):
 VQA_INPUT_KEYS = {
     "vqav2": ["vqav2_questions", "vqav2_annotations", "vqav2_images"],
     "textvqa": ["textvqa_questions", "textvqa_ocr", "textvqa_images"],
+    "vqav2_testdev": ["vqav2_testdev_questions", "vqav2_test_images"],
 }
 
 
@@ -316,6 +327,12 @@ def eval_outputs(models=None):
 # ---- LLaVA and VQA ------------------------------------------------------------------------------------------------
 LLAVA_BASE = run_path("llava/base") if IS_DEMO else raw_path("llava_base")
 VQA_DATASETS = config["llava"]["datasets"]
+# Datasets scored here; test-dev's answers are not public: the EvalAI server scores its submission file.
+SUBMITTED_VQA_DATASETS = [d for d in VQA_DATASETS if d == "vqav2_testdev"]
+SCORED_VQA_DATASETS = [d for d in VQA_DATASETS if d not in SUBMITTED_VQA_DATASETS]
+OCR_DATASETS = ["textvqa"] if config["llava"]["textvqa_ocr"] else []
+# The prompt protocol of each dataset, a param of the VQA jobs: a change to it reruns them.
+PROMPT_VARIANTS = {d: prompt_variant(d in OCR_DATASETS, d) for d in VQA_DATASETS}
 VQA_CHUNKS = list(range(vqa_chunks(config)))
 
 
@@ -344,10 +361,26 @@ def vqa_references(wildcards):
 
 
 def vqa_outputs(models=None):
+    """Per model: the scores of every scored dataset, the submission file of every submitted one."""
+    models = models or MODELS
     return [
         run_path(f"vqa/{m}/{d}/scores.json")
-        for m in (models or MODELS)
-        for d in VQA_DATASETS
+        for m in models
+        for d in SCORED_VQA_DATASETS
+    ] + [
+        run_path(f"vqa/{m}/{d}/submission.json")
+        for m in models
+        for d in SUBMITTED_VQA_DATASETS
+    ]
+
+
+def imported_scores():
+    """EvalAI scores brought back with `python -m hnclip.llava.submission import-score` (read when present)."""
+    return [
+        path
+        for m in MODELS
+        for d in SUBMITTED_VQA_DATASETS
+        if Path(path := run_path(f"vqa/{m}/{d}/evalai_scores.json")).exists()
     ]
 
 
@@ -362,7 +395,7 @@ def llava_train_paths(dataset):
 
 
 # ---- aggregation ------------------------------------------------------------------------------------------------
-BENCHMARKS = ["hnc_test", "zeroshot", "drift"] + VQA_DATASETS
+BENCHMARKS = ["hnc_test", "zeroshot", "drift"] + SCORED_VQA_DATASETS
 TABLE_FILES = [
     run_path(f"tables/{b}.{ext}") for b in BENCHMARKS for ext in ["csv", "md", "tex"]
 ]
@@ -371,7 +404,7 @@ FIGURE_STEMS = [
     "heatmap_hnc_relation",
     "heatmap_zeroshot_top1",
     "heatmap_drift_cka",
-    *[f"heatmap_{d}_accuracy" for d in VQA_DATASETS],
+    *[f"heatmap_{d}_accuracy" for d in SCORED_VQA_DATASETS],
     "type_groups",
     "tradeoff",
     "training_curves",
@@ -379,15 +412,17 @@ FIGURE_STEMS = [
 
 
 def result_files():
-    """Every per-model result file the summary is built from."""
-    return eval_outputs() + vqa_outputs()
+    """Every per-model result file the summary is built from (a submission file waits for its imported score)."""
+    return eval_outputs() + [p for p in vqa_outputs() if p.endswith("scores.json")]
 
 
 def summary_inputs(wildcards):
-    """All result files, or (regenerating: report.from_existing) only those that exist, scheduling nothing."""
+    """All result files, or (regenerating: report.from_existing) only those that exist, scheduling nothing; and
+    the imported EvalAI scores there are."""
+    imported = [ancient(path) for path in imported_scores()]
     if not config["report"]["from_existing"]:
-        return result_files()
-    return [ancient(path) for path in result_files() if Path(path).exists()]
+        return result_files() + imported
+    return [ancient(path) for path in result_files() if Path(path).exists()] + imported
 
 
 def train_logs():

@@ -28,7 +28,8 @@ rule vqa:
         n_chunks=len(VQA_CHUNKS),
         batch_size=config["llava"]["batch_size"],
         max_new_tokens=config["llava"]["max_new_tokens"],
-        ocr_datasets=["textvqa"] if config["llava"]["textvqa_ocr"] else [],
+        ocr_datasets=OCR_DATASETS,
+        prompt_variants=PROMPT_VARIANTS,
         dtype=config["llava"]["dtype"],
     script:
         "../workflow_scripts/vqa.py"
@@ -45,6 +46,8 @@ rule score_vqa:
         per_item=run_path("vqa/{model}/{dataset}/items.parquet"),
     log:
         run_path("logs/score_vqa/{model}/{dataset}.log"),
+    wildcard_constraints:
+        dataset="|".join(SCORED_VQA_DATASETS) or "none",
     conda:
         "../envs/evaluate.yaml"
     resources:
@@ -54,6 +57,31 @@ rule score_vqa:
         settings=eval_settings(),
     script:
         "../workflow_scripts/score_vqa.py"
+
+
+# VQA v2 test-dev as LLaVA-1.5 reports it: every test2015 question id, answers through the EvalAI processor,
+# uploaded by hand; the score comes back with `python -m hnclip.llava.submission import-score` (README).
+rule submit_vqa:
+    input:
+        chunks=vqa_chunk_files,
+        questions=rules.preprocess_vqa.output[0],
+        test_questions=raw_input("vqav2_test_questions"),
+    output:
+        predictions=run_path("vqa/{model}/{dataset}/predictions.jsonl"),
+        submission=run_path("vqa/{model}/{dataset}/submission.json"),
+        info=run_path("vqa/{model}/{dataset}/submission_info.json"),
+    log:
+        run_path("logs/submit_vqa/{model}/{dataset}.log"),
+    wildcard_constraints:
+        dataset="vqav2_testdev",
+    conda:
+        "../envs/evaluate.yaml"
+    resources:
+        **job_resources("default"),
+    params:
+        test_questions=lambda wildcards: raw_path("vqav2_test_questions"),
+    script:
+        "../workflow_scripts/submit_vqa.py"
 
 
 rule vqa_all:

@@ -2,12 +2,16 @@ from hnclip.pipeline.workflow import run_logged
 
 
 def main(smk):
-    from hnclip.data.vqa import read_textvqa, read_vqav2, stratified_subsample, write_questions
+    from hnclip.data.vqa import read_textvqa, read_vqav2, read_vqav2_testdev, stratified_subsample, write_questions
 
     paths, params = smk.params.paths, smk.params
     if params.dataset == "vqav2":
         questions = read_vqav2(
             paths["questions"], paths["annotations"], paths["images"], on_missing_image=params.on_missing_image
+        )
+    elif params.dataset == "vqav2_testdev":
+        questions = read_vqav2_testdev(
+            paths["testdev_questions"], paths["test_images"], on_missing_image=params.on_missing_image
         )
     else:
         questions = read_textvqa(

@@ -50,6 +50,14 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+@lru_cache(maxsize=1)
+def _pinned_inputs() -> dict[str, str]:
+    """What pins each downloaded input (commit or sha256), from the manifest and its lock."""
+    from hnclip.data.lock import pinned_inputs
+
+    return pinned_inputs(Path(__file__).resolve().parents[2] / "resources" / "manifest.yaml")
+
+
 def package_versions(names: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in names:
@@ -83,6 +91,8 @@ def provenance(
     }
     if config is not None:
         record["config_hash"] = config_hash(config)
+        if config.get("data_source") == "download":
+            record["pinned_inputs"] = _pinned_inputs()
     if seed is not None:
         record["seed"] = seed
     input_list = [str(p) for p in inputs]

@@ -80,3 +80,14 @@ def test_command_line_strings_take_the_schema_type(schema):
     assert completed["finetune"]["steps"] == 12 and completed["finetune"]["lr"] == 1e-4
     with pytest.raises(ConfigError, match="config key finetune.steps: 'many' is not of type 'integer'"):
         validate_config({"run_name": "t", "finetune": {"steps": "many"}}, schema)
+
+
+def test_config_strings_become_numbers_through_one_of_branches():
+    """`--config llava={"chunks": 2}` reaches the workflow as the string "2"; "auto" stays a string."""
+    base = load_yaml(REPO_ROOT / "config.yaml")
+    def completed(**overrides):
+        return validate_config({**base, **overrides}, base_dir=REPO_ROOT)
+
+    assert completed(llava={"chunks": "2"})["llava"]["chunks"] == 2
+    assert completed(llava={"chunks": "auto"})["llava"]["chunks"] == "auto"
+    assert completed(resources={"vqa": {"mem_mb": "12000"}})["resources"]["vqa"]["mem_mb"] == 12000

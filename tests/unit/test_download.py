@@ -28,6 +28,7 @@ from hnclip.data.download import (
     read_sidecar,
     sidecar_path,
 )
+from hnclip.data.lock import LockError, PinnedFileMismatchError, RevisionChangedError, is_commit_hash
 from hnclip.data.manifest import (
     ManifestError,
     ManualDownloadRequired,
@@ -52,6 +53,7 @@ class Route:
     fail_first: list[int] = field(default_factory=list)  # statuses answered before the real response
     redirect_to: str | None = None  # answer 302 to this path, as the Hub's resolve URLs do
     etag: str | None = None  # sent as ETag; an If-Range naming another one gets the whole body (200)
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every answer (the Hub's X-Repo-Commit)
     served: int = 0
 
 
@@ -73,6 +75,19 @@ class LoopbackServer:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+        state: LoopbackServer = self.server.state
+        state.requests.append((f"HEAD {self.path}", None))
+        route = state.routes.get(self.path)
+        if route is None:
+            self.send_error(404, "Not Found")
+            return
+        self.send_response(200)
+        for key, value in route.headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(route.body)))
+        self.end_headers()
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         state: LoopbackServer = self.server.state
         range_header = self.headers.get("Range")
@@ -113,6 +128,8 @@ class _Handler(BaseHTTPRequestHandler):
         payload = route.body[start:]
         if route.etag:
             self.send_header("ETag", route.etag)
+        for key, value in route.headers.items():
+            self.send_header(key, value)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         route.served += 1
@@ -418,7 +435,7 @@ def test_project_manifest_is_valid_and_agrees_with_its_sources():
     expected = {"gqa_images", "gqa_scene_graphs", "hnc_train", "hnc_val", "hnc_test", "vqav2_val_questions",
                 "vqav2_val_annotations", "coco_val2014_images", "textvqa_val", "textvqa_images",
                 "textvqa_rosetta_ocr_val", "llava_textvqa_val_questions", "cifar10", "cifar100",
-                "clip_vit_l14_336_openai", "llava_1_5_7b_hf"}
+                "clip_vit_l14_336_openai", "llava_1_5_7b_hf", "vqav2_test_questions", "coco_test2015_images"}
     assert set(entries) == expected
     assert entries["gqa_images"].size == 21_817_965_542
     assert {entries[f"hnc_{s}"].hf.filename for s in ("train", "val", "test")} == {
@@ -434,6 +451,11 @@ def test_project_manifest_is_valid_and_agrees_with_its_sources():
     assert hf_hub == "timm/vit_large_patch14_clip_336.openai/"  # trailing slash: open_clip's default file name
     assert entries["clip_vit_l14_336_openai"].hf.repo_id == hf_hub.rstrip("/")
     assert entries["llava_1_5_7b_hf"].hf_snapshot.repo_id == "llava-hf/llava-1.5-7b-hf"
+
+    # Every Hugging Face model is pinned to a commit; a dataset without a published one is pinned by the lock.
+    assert is_commit_hash(entries["clip_vit_l14_336_openai"].hf.revision)
+    assert is_commit_hash(entries["llava_1_5_7b_hf"].hf_snapshot.revision)
+    assert entries["clip_vit_l14_336_openai"].sha256 and entries["clip_vit_l14_336_openai"].size
 
 
 def installed_source_constants(package: str, relative_file: str) -> dict[str, str]:
@@ -578,23 +600,132 @@ def test_archive_without_the_promised_outputs_is_an_error(server, tmp_path):
         fetch_manifest_entry("g", manifest, tmp_path / "resources", **FAST)
 
 
-def test_hf_file_entry_honours_hf_endpoint(server, tmp_path, monkeypatch):
-    test_json = b'{"n100552.jpg": {"0": {"caption": "a", "label": 1}}}'
-    server.serve("/datasets/patilli/HNC/resolve/main/hnc_clean_strict_test.json", test_json)
+HNC_TEST_JSON = b'{"n100552.jpg": {"0": {"caption": "a", "label": 1}}}'
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+
+
+def hf_test_entry(revision: str = "main") -> dict:
+    return {"hf": {"repo_id": "patilli/HNC", "repo_type": "dataset", "revision": revision,
+                   "filename": "hnc_clean_strict_test.json"},
+            "file": "raw/hnc/hnc_clean_strict_test.json", "size": None, "sha256": None, "archive": "none",
+            "produces": ["raw/hnc/hnc_clean_strict_test.json"]}
+
+
+def serve_hnc_test(server, commit: str, body: bytes = HNC_TEST_JSON, branch: str = "main") -> None:
+    """The Hub's two URLs of one file: the branch's (naming its commit in X-Repo-Commit) and the commit's."""
+    server.serve(f"/datasets/patilli/HNC/resolve/{branch}/hnc_clean_strict_test.json", body,
+                 headers={"X-Repo-Commit": commit})
+    server.serve(f"/datasets/patilli/HNC/resolve/{commit}/hnc_clean_strict_test.json", body,
+                 headers={"X-Repo-Commit": commit})
+
+
+def test_hf_file_entry_honours_hf_endpoint_and_pins_commit_and_digest(server, tmp_path, monkeypatch):
+    serve_hnc_test(server, COMMIT_A)
     monkeypatch.setenv("HF_ENDPOINT", server.base_url)
-    entry = {"hf": {"repo_id": "patilli/HNC", "repo_type": "dataset", "revision": "main",
-                    "filename": "hnc_clean_strict_test.json"},
-             "file": "raw/hnc/hnc_clean_strict_test.json", "size": None, "sha256": None, "archive": "none",
-             "produces": ["raw/hnc/hnc_clean_strict_test.json"]}
     resources = tmp_path / "resources"
+    manifest = write_manifest(tmp_path / "m.yaml", {"hnc_test": hf_test_entry()})
 
-    [output] = fetch_manifest_entry("hnc_test", write_manifest(tmp_path / "m.yaml", {"hnc_test": entry}),
-                                    resources, **FAST)
+    [output] = fetch_manifest_entry("hnc_test", manifest, resources, **FAST)
 
-    assert output.read_bytes() == test_json
-    assert read_sidecar(output) == hashlib.sha256(test_json).hexdigest()
+    assert output.read_bytes() == HNC_TEST_JSON
+    assert read_sidecar(output) == hashlib.sha256(HNC_TEST_JSON).hexdigest()
     record = json.loads(fetch_record_path("hnc_test", resources).read_text())
     assert record["source"]["repo_id"] == "patilli/HNC"
+    # the branch is asked only for its commit; the bytes come from the commit's URL
+    assert [path for path, _ in server.requests] == [
+        "HEAD /datasets/patilli/HNC/resolve/main/hnc_clean_strict_test.json",
+        f"/datasets/patilli/HNC/resolve/{COMMIT_A}/hnc_clean_strict_test.json",
+    ]
+    lock = yaml.safe_load((tmp_path / "m.lock.yaml").read_text())
+    assert lock["entries"]["hnc_test"] == {
+        "revision": "main", "commit": COMMIT_A,
+        "files": {"raw/hnc/hnc_clean_strict_test.json": {"size": len(HNC_TEST_JSON),
+                                                         "sha256": hashlib.sha256(HNC_TEST_JSON).hexdigest()}},
+    }
+
+
+def test_pinned_inputs_name_the_locked_commit_after_the_first_download(server, tmp_path, monkeypatch):
+    from hnclip.data.lock import pinned_inputs
+
+    serve_hnc_test(server, COMMIT_A)
+    monkeypatch.setenv("HF_ENDPOINT", server.base_url)
+    manifest = write_manifest(tmp_path / "m.yaml", {"hnc_test": hf_test_entry(),
+                                                    "data": url_entry("http://x/d", sha256="e" * 64)})
+    assert pinned_inputs(manifest) == {"hnc_test": "not pinned yet", "data": "sha256 " + "e" * 64}
+    fetch_manifest_entry("hnc_test", manifest, tmp_path / "resources", **FAST)
+    assert pinned_inputs(manifest)["hnc_test"] == f"commit {COMMIT_A}"
+
+
+def test_every_result_of_a_real_run_records_what_pins_its_inputs():
+    from hnclip.provenance import provenance
+
+    pins = provenance({"data_source": "download"})["pinned_inputs"]
+    assert pins["llava_1_5_7b_hf"] == "commit b234b804b114d9e37bb655e11cbbb5f5e971b7a9"
+    assert pins["cifar100"] == "md5 eb9058c3a382ffc7106e4002c42a8d85"
+    assert "pinned_inputs" not in provenance({"data_source": "synth"})
+
+
+def test_a_later_download_fetches_the_locked_commit_though_the_branch_moved(server, tmp_path, monkeypatch):
+    serve_hnc_test(server, COMMIT_A)
+    monkeypatch.setenv("HF_ENDPOINT", server.base_url)
+    manifest = write_manifest(tmp_path / "m.yaml", {"hnc_test": hf_test_entry()})
+    fetch_manifest_entry("hnc_test", manifest, tmp_path / "first", **FAST)
+    serve_hnc_test(server, COMMIT_B, body=b'{"changed": {}}')  # main moves on; commit A stays as it was
+    server.serve(f"/datasets/patilli/HNC/resolve/{COMMIT_A}/hnc_clean_strict_test.json", HNC_TEST_JSON)
+    server.requests.clear()
+
+    [output] = fetch_manifest_entry("hnc_test", manifest, tmp_path / "second", **FAST)
+
+    assert output.read_bytes() == HNC_TEST_JSON
+    assert [path for path, _ in server.requests] == [f"/datasets/patilli/HNC/resolve/{COMMIT_A}/hnc_clean_strict_test.json"]
+
+
+def test_a_file_that_differs_from_its_lock_stops_the_download_naming_file_and_digests(server, tmp_path, monkeypatch):
+    serve_hnc_test(server, COMMIT_A)
+    monkeypatch.setenv("HF_ENDPOINT", server.base_url)
+    manifest = write_manifest(tmp_path / "m.yaml", {"hnc_test": hf_test_entry()})
+    fetch_manifest_entry("hnc_test", manifest, tmp_path / "first", **FAST)
+    re_uploaded = b'{"n100552.jpg": {"0": {"caption": "b", "label": 1}}}'
+    serve_hnc_test(server, COMMIT_A, body=re_uploaded)  # same commit, other bytes: a broken mirror, say
+
+    with pytest.raises(PinnedFileMismatchError) as caught:
+        fetch_manifest_entry("hnc_test", manifest, tmp_path / "second", **FAST)
+
+    message = str(caught.value)
+    assert "'hnc_test'" in message and str(tmp_path / "second/raw/hnc/hnc_clean_strict_test.json") in message
+    assert hashlib.sha256(HNC_TEST_JSON).hexdigest() in message and hashlib.sha256(re_uploaded).hexdigest() in message
+    assert "m.lock.yaml" in message
+    assert not (tmp_path / "second/raw/hnc/hnc_clean_strict_test.json").exists()
+
+
+def test_a_changed_revision_stops_the_download_until_the_lock_entry_is_deleted(server, tmp_path, monkeypatch):
+    serve_hnc_test(server, COMMIT_A)
+    serve_hnc_test(server, COMMIT_B, branch="v2")
+    monkeypatch.setenv("HF_ENDPOINT", server.base_url)
+    manifest = write_manifest(tmp_path / "m.yaml", {"hnc_test": hf_test_entry("main")})
+    fetch_manifest_entry("hnc_test", manifest, tmp_path / "first", **FAST)
+    write_manifest(manifest, {"hnc_test": hf_test_entry("v2")})
+
+    with pytest.raises(RevisionChangedError, match=r"'hnc_test' now asks for revision 'v2'.*pins revision 'main' "
+                                                   rf"\(commit {COMMIT_A}\).*delete entry 'hnc_test'"):
+        fetch_manifest_entry("hnc_test", manifest, tmp_path / "second", **FAST)
+
+    lock_path = tmp_path / "m.lock.yaml"
+    lock = yaml.safe_load(lock_path.read_text())
+    del lock["entries"]["hnc_test"]
+    lock_path.write_text(yaml.safe_dump(lock))
+    fetch_manifest_entry("hnc_test", manifest, tmp_path / "second", **FAST)
+    assert yaml.safe_load(lock_path.read_text())["entries"]["hnc_test"]["commit"] == COMMIT_B
+
+
+def test_manifest_and_lock_disagreeing_on_a_digest_is_an_error(server, tmp_path, monkeypatch):
+    serve_hnc_test(server, COMMIT_A)
+    monkeypatch.setenv("HF_ENDPOINT", server.base_url)
+    manifest = write_manifest(tmp_path / "m.yaml", {"hnc_test": hf_test_entry()})
+    fetch_manifest_entry("hnc_test", manifest, tmp_path / "first", **FAST)
+    write_manifest(manifest, {"hnc_test": {**hf_test_entry(), "sha256": "0" * 64}})
+    with pytest.raises(LockError, match="pinned to sha256 0{64}.*in the manifest but [0-9a-f]{64}"):
+        fetch_manifest_entry("hnc_test", manifest, tmp_path / "second", **FAST)
 
 
 SNAPSHOT_ENTRY = {
@@ -605,7 +736,7 @@ SNAPSHOT_ENTRY = {
 }
 
 
-def fake_snapshot(calls: list[dict], shards: list[str], written: list[str]):
+def fake_snapshot(calls: list[dict], shards: list[str], written: list[str], weights: bytes = b"weights"):
     """Stands in for huggingface_hub.snapshot_download: writes a tiny repo into local_dir."""
     def snapshot_download(**kwargs):
         calls.append(kwargs)
@@ -615,12 +746,28 @@ def fake_snapshot(calls: list[dict], shards: list[str], written: list[str]):
         index = {"weight_map": {f"layer{i}": shard for i, shard in enumerate(shards)}}
         (local / "model.safetensors.index.json").write_text(json.dumps(index))
         for shard in written:
-            (local / shard).write_bytes(b"weights")
+            (local / shard).write_bytes(weights)
         return str(local)
     return snapshot_download
 
 
-def test_snapshot_entry_calls_snapshot_download_once(tmp_path, monkeypatch):
+@pytest.fixture
+def hub_commits(monkeypatch):
+    """The Hub's answer to which commit a revision is at: {revision: commit}, recorded per question asked."""
+    import huggingface_hub
+
+    commits = {"abc123": COMMIT_A}
+    asked: list[str] = []
+
+    def repo_info(self, repo_id, *, repo_type=None, revision=None, **kwargs):
+        asked.append(revision)
+        return type("RepoInfo", (), {"sha": commits[revision]})()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
+    return asked
+
+
+def test_snapshot_entry_calls_snapshot_download_once_at_the_resolved_commit(tmp_path, monkeypatch, hub_commits):
     import huggingface_hub
 
     calls: list[dict] = []
@@ -632,16 +779,41 @@ def test_snapshot_entry_calls_snapshot_download_once(tmp_path, monkeypatch):
     outputs = fetch_manifest_entry("llava", manifest, resources)
     fetch_manifest_entry("llava", manifest, resources)
 
-    assert len(calls) == 1
-    assert calls[0] == {"repo_id": "llava-hf/llava-1.5-7b-hf", "repo_type": "model", "revision": "abc123",
+    assert len(calls) == 1 and hub_commits == ["abc123"]
+    assert calls[0] == {"repo_id": "llava-hf/llava-1.5-7b-hf", "repo_type": "model", "revision": COMMIT_A,
                         "local_dir": str(resources / "models/llava/llava"),
                         "allow_patterns": ["*.json", "*.safetensors"], "endpoint": None}
     assert all(p.is_file() for p in outputs)
     marker = json.loads((resources / "models/llava/llava/.snapshot.json").read_text())
-    assert marker["revision"] == "abc123" and set(marker["files"]) >= set(shards)
+    assert marker["revision"] == "abc123" and marker["commit"] == COMMIT_A and set(marker["files"]) >= set(shards)
+    locked = yaml.safe_load((tmp_path / "m.lock.yaml").read_text())["entries"]["llava"]
+    assert locked["revision"] == "abc123" and locked["commit"] == COMMIT_A
+    assert locked["files"][shards[0]] == {"size": 7, "sha256": hashlib.sha256(b"weights").hexdigest()}
+    assert set(locked["files"]) == {"config.json", "model.safetensors.index.json", *shards}
 
 
-def test_snapshot_missing_a_shard_is_an_error(tmp_path, monkeypatch):
+def test_a_snapshot_file_that_differs_from_its_lock_stops_naming_file_and_digests(tmp_path, monkeypatch,
+                                                                                  hub_commits):
+    import huggingface_hub
+
+    calls: list[dict] = []
+    shards = ["model-00001-of-00001.safetensors"]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot(calls, shards, shards))
+    manifest = write_manifest(tmp_path / "m.yaml", {"llava": SNAPSHOT_ENTRY})
+    fetch_manifest_entry("llava", manifest, tmp_path / "first")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot(calls, shards, shards, b"other"))
+
+    with pytest.raises(PinnedFileMismatchError) as caught:
+        fetch_manifest_entry("llava", manifest, tmp_path / "second")
+
+    message = str(caught.value)
+    assert str(tmp_path / "second/models/llava/llava" / shards[0]) in message
+    assert hashlib.sha256(b"weights").hexdigest() in message and hashlib.sha256(b"other").hexdigest() in message
+    assert calls[1]["revision"] == COMMIT_A and hub_commits == ["abc123"]  # the locked commit, not asked again
+    assert not (tmp_path / "second/models/llava/llava/.snapshot.json").exists()
+
+
+def test_snapshot_missing_a_shard_is_an_error(tmp_path, monkeypatch, hub_commits):
     import huggingface_hub
 
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]

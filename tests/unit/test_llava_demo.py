@@ -100,8 +100,10 @@ def test_followup_turn_snapshot():
         llava15_followup_turn(" ")
 
 
-def test_prompt_without_ocr_tokens_has_no_ocr_line():
-    assert llava15_prompt("q?", ocr_tokens=[]) == llava15_prompt("q?")
+def test_ocr_line_is_there_whenever_tokens_are_given_even_none():
+    """LLaVA's TextVQA file writes the line for an image without tokens too; no tokens given: no line."""
+    assert llava15_prompt("q?", ocr_tokens=[]) == llava15_prompt("q?").replace(
+        "q?\n", "q?\nReference OCR token: \n")
     with pytest.raises(ValueError, match="empty question"):
         llava15_prompt("  ")
 

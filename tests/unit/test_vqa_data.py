@@ -70,12 +70,14 @@ ROSETTA_OCR = {"data": [
     {"image_id": "003a8ae2ef43b901", "ocr_tokens": ["nikon", "d90"], "ocr_info": []},
     {"image_id": "00685bc495504d61", "ocr_tokens": [], "ocr_info": []},
 ]}
+# The shape of LLaVA's llava_textvqa_val_v051_ocr.jsonl: the id is the image's, the question capitalised, the
+# OCR line present even when empty (docs/data.md).
 LLAVA_OCR_LINES = [
-    {"question_id": 34602, "image": "003a8ae2ef43b901.jpg", "category": "default",
-     "text": "what is the brand of this camera?\nReference OCR token: nikon, d90\n"
+    {"question_id": "003a8ae2ef43b901", "image": "003a8ae2ef43b901.jpg", "category": "default",
+     "text": "What is the brand of this camera?\nReference OCR token: nikon, d90\n"
              "Answer the question using a single word or phrase."},
-    {"question_id": 34603, "image": "00685bc495504d61.jpg", "category": "default",
-     "text": "What's the number on the bus?\nAnswer the question using a single word or phrase."},
+    {"question_id": "00685bc495504d61", "image": "00685bc495504d61.jpg", "category": "default",
+     "text": "What's the number on the bus?\nReference OCR token: \nAnswer the question using a single word or phrase."},
 ]
 
 

@@ -38,3 +38,15 @@ def test_a_reference_missing_questions_is_refused():
 def test_a_question_without_prediction_is_an_error():
     with pytest.raises(ValueError, match="1 vqav2 question\\(s\\) have no prediction, e.g. question_id 5"):
         score_items(pd.DataFrame({"question_id": range(5), "prediction": ["2"] * 5}), _questions(), "vqav2")
+
+
+def test_vqav2_predictions_pass_the_evalai_processor_first_as_llava_uploads_them():
+    """LLaVA-1.5's VQA v2 number scores EvalAIAnswerProcessor(prediction) on the server: a possessive is split off
+    ("man's hat" → "man 's hat") and so no longer matches "man's hat"; "Yes." and "2," still match."""
+    questions = pd.DataFrame({
+        "question_id": range(3), "image_id": ["0", "1", "2"], "answer_type": ["other", "yes/no", "number"],
+        "question_type": ["what is"] * 3, "answers": [["man's hat"] * 10, ["yes"] * 10, ["2"] * 10],
+    })
+    scored = score_items(pd.DataFrame({"question_id": range(3), "prediction": ["Man's hat", "Yes.", "2,"]}),
+                         questions, "vqav2")
+    assert scored["accuracy"].tolist() == [0.0, 1.0, 1.0]

@@ -66,6 +66,27 @@ def test_thesis_dry_run_downloads_and_has_one_finetune_job_per_grid_cell(tmp_pat
     assert counts["download"] >= 10  # every raw input the thesis reads comes from the manifest
 
 
+def test_adding_vqav2_testdev_plans_its_download_inference_and_submission(tmp_path):
+    with_testdev = ["--config", 'llava={"datasets": ["vqav2", "textvqa", "vqav2_testdev"], "chunks": 1}']
+    output = run_snakemake("-n", "--directory", str(tmp_path), *THESIS, *with_testdev).stdout
+    counts = job_counts(output)
+    models = _grid_size(REPO / "config.yaml") + 1
+    assert counts["preprocess_vqa"] == 3
+    assert counts["vqa"] == models  # the same jobs answer test-dev too
+    assert counts["score_vqa"] == 2 * models  # no local score for test-dev ...
+    assert counts["submit_vqa"] == models  # ... a submission file per model instead
+    for entry in ("vqav2_test_questions", "coco_test2015_images"):
+        assert f"wildcards: entry={entry}" in output
+    assert "vqa/baseline/vqav2_testdev/submission.json" in output
+
+
+def test_vqav2_testdev_in_the_demo_is_a_config_error_naming_the_key(tmp_path):
+    result = run_snakemake("-n", "--directory", str(tmp_path), *DEMO,
+                           "--config", 'llava={"datasets": ["vqav2_testdev"]}', check=False)
+    assert result.returncode != 0
+    assert "config key llava.datasets: vqav2_testdev needs data_source: download" in result.stdout + result.stderr
+
+
 def test_thesis_jobs_ask_for_the_memory_the_estimate_prints(tmp_path):
     from hnclip.pipeline.config import load_yaml, validate_config
     from hnclip.pipeline.estimate import job_mem_mb

@@ -222,6 +222,26 @@ def download(
     return dest
 
 
+class _KeepRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the first answer's headers are wanted, not the redirect target's
+
+
+def response_headers(url: str, *, timeout: float = 60) -> Mapping[str, str]:
+    """The headers of a HEAD request to ``url``, redirects not followed (the Hub names the commit a revision
+    resolves to in the first answer, ``X-Repo-Commit``, then redirects large files to a CDN)."""
+    require_http_url(url)
+    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": USER_AGENT})
+    try:
+        with urllib.request.build_opener(_KeepRedirects).open(request, timeout=timeout) as response:
+            return dict(response.headers.items())
+    except urllib.error.HTTPError as error:
+        error.close()
+        if 300 <= error.code < 400:
+            return dict(error.headers.items())
+        raise HTTPStatusError(url, error.code, str(error.reason)) from None
+
+
 def require_http_url(url: str) -> None:
     # urllib would also open file:// and ftp:// URLs; a manifest typo should not read local files.
     scheme = urllib.parse.urlsplit(url).scheme

@@ -12,15 +12,36 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
 from hnclip.data.archive import extraction_marker_path, safe_extract, tree_listing, verify_extraction
-from hnclip.data.download import download, normalise_digest, read_sidecar, require_http_url, sidecar_path
+from hnclip.data.download import (
+    ChecksumMismatchError,
+    SizeMismatchError,
+    download,
+    hash_file,
+    normalise_digest,
+    read_sidecar,
+    require_http_url,
+    response_headers,
+    sidecar_path,
+)
+from hnclip.data.lock import (
+    LockedEntry,
+    LockedFile,
+    PinnedFileMismatchError,
+    check_pinned_file,
+    expected_file,
+    lock_path_for,
+    pinned_commit,
+    read_lock,
+    record_entry,
+)
 from hnclip.io import write_json
 
 log = logging.getLogger(__name__)
@@ -44,7 +65,7 @@ _FILE_KEYS = {"file", "size", "sha256", "md5", "archive", "extract_to", "keep_ar
 _ALLOWED_KEYS = {
     "url": _COMMON_KEYS | _FILE_KEYS | {"url"},
     "hf": _COMMON_KEYS | _FILE_KEYS | {"hf"},
-    "hf_snapshot": _COMMON_KEYS | {"hf_snapshot", "local_dir"},
+    "hf_snapshot": _COMMON_KEYS | {"hf_snapshot", "local_dir", "files_sha256"},
     "manual": _COMMON_KEYS | {"manual"},
 }
 SNAPSHOT_MARKER = ".snapshot.json"
@@ -91,6 +112,7 @@ class ManifestEntry:
     archive: str = "none"
     extract_to: str | None = None
     keep_archive: bool = True
+    files_sha256: Mapping[str, str] | None = None  # hf_snapshot: sha256 of files the publisher states
 
 
 def _as_string(value: Any) -> str:
@@ -104,6 +126,13 @@ def _as_relative_path(value: Any) -> str:
     if os.path.isabs(text) or ".." in Path(text).parts:
         raise ValueError(f"must be a path relative to the resources folder without '..', got {value!r}")
     return os.path.normpath(text)
+
+
+def _as_sha256_map(value: Any) -> dict[str, str]:
+    """``{path inside the snapshot: sha256}``."""
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"must map file names to sha256 digests, got {value!r}")
+    return {_as_relative_path(rel): normalise_digest(digest, "sha256") for rel, digest in value.items()}
 
 
 def _as_optional_size(value: Any) -> int | None:
@@ -250,6 +279,7 @@ def _read_entry(manifest_path: Path, name: str, raw: Any) -> ManifestEntry:
     elif source == "hf_snapshot":
         fields["hf_snapshot"] = reader.get("hf_snapshot", _as_hf_snapshot, required=True)
         fields["local_dir"] = reader.get("local_dir", _as_relative_path, required=True)
+        fields["files_sha256"] = reader.get("files_sha256", _as_sha256_map, default=None)
     else:
         fields["manual"] = reader.get("manual", _as_string, required=True)
     if source in ("url", "hf"):
@@ -314,6 +344,14 @@ def _missing_outputs(outputs: Iterable[Path]) -> list[Path]:
     return [p for p in outputs if not p.exists() or (p.is_dir() and not any(p.iterdir()))]
 
 
+@dataclass(frozen=True)
+class _Pins:
+    """The lock file and what it holds for the entry being fetched."""
+
+    path: Path
+    locked: LockedEntry | None
+
+
 def fetch_manifest_entry(
     name: str,
     manifest_path: str | os.PathLike,
@@ -328,17 +366,22 @@ def fetch_manifest_entry(
 
     Nothing is downloaded when the outputs already exist and verify: a plain file against its size and
     checksums (sidecar), an extracted archive against its extraction marker (outputs placed there by
-    hand, without a marker, are taken as they are). Writes :func:`fetch_record_path` at the end.
+    hand, without a marker, are taken as they are). A download fetches the commit and checks the files
+    the lock (:mod:`hnclip.data.lock`) pins, and pins what it fetched when the lock did not hold the entry yet.
+    Writes :func:`fetch_record_path` at the end.
     """
     entry = _entry_named(load_manifest(manifest_path), name, manifest_path)
     resources_dir = Path(resources_dir)
     outputs = [resources_dir / rel for rel in entry.produces]
+    lock_path = lock_path_for(manifest_path)
+    pins = _Pins(lock_path, read_lock(lock_path).get(name))
     if entry.source == "manual":
         _fetch_manual(entry, outputs)
     elif entry.source == "hf_snapshot":
-        _fetch_snapshot(entry, resources_dir, outputs)
+        _fetch_snapshot(entry, resources_dir, outputs, pins)
     else:
-        _fetch_file(entry, resources_dir, outputs, retries=retries, backoff=backoff, timeout=timeout, rehash=rehash)
+        _fetch_file(entry, resources_dir, outputs, pins, retries=retries, backoff=backoff, timeout=timeout,
+                    rehash=rehash)
     _write_fetch_record(entry, resources_dir, outputs)
     return outputs
 
@@ -358,18 +401,17 @@ def _fetch_manual(entry: ManifestEntry, outputs: list[Path]) -> None:
         )
 
 
-def _fetch_file(entry: ManifestEntry, resources_dir: Path, outputs: list[Path], **options: Any) -> None:
+def _fetch_file(entry: ManifestEntry, resources_dir: Path, outputs: list[Path], pins: _Pins, **options: Any) -> None:
     """A url/hf entry: download (a verified file returns at once), then extract an archive."""
     target = resources_dir / entry.file
-    verify = {"sha256": entry.sha256, "md5": entry.md5, "size": entry.size}
+    if entry.archive != "none":
+        dest = resources_dir / entry.extract_to
+        if _extracted_outputs_verify(entry, target, dest, outputs):
+            log.info("%s: outputs already in place and verified; nothing to download", entry.name)
+            return
+    _download_pinned(entry, target, pins, **options)
     if entry.archive == "none":
-        download(entry_url(entry), target, **verify, **options)
         return
-    dest = resources_dir / entry.extract_to
-    if _extracted_outputs_verify(entry, target, dest, outputs):
-        log.info("%s: outputs already in place and verified; nothing to download", entry.name)
-        return
-    download(entry_url(entry), target, **verify, **options)
     safe_extract(target, dest)
     missing = _missing_outputs(outputs)
     if missing:
@@ -380,6 +422,38 @@ def _fetch_file(entry: ManifestEntry, resources_dir: Path, outputs: list[Path], 
     if not entry.keep_archive:
         target.unlink()
         sidecar_path(target).unlink(missing_ok=True)
+
+
+def _download_pinned(entry: ManifestEntry, target: Path, pins: _Pins, *, timeout: float, **options: Any) -> None:
+    """Download the entry's file at its pinned commit against its pinned digest, then pin what was fetched."""
+    sha256, size = expected_file(entry.name, entry.file, sha256=entry.sha256, size=entry.size, locked=pins.locked,
+                                 lock_path=pins.path)
+    hf, commit = entry.hf, None
+    if hf is not None:
+        commit = pinned_commit(entry.name, hf.revision, pins.locked, pins.path) or resolve_hf_file_commit(hf, timeout)
+        hf = replace(hf, revision=commit)
+    url = hf_file_url(hf) if hf is not None else entry_url(entry)
+    try:
+        download(url, target, sha256=sha256, md5=entry.md5, size=size, timeout=timeout, **options)
+    except (ChecksumMismatchError, SizeMismatchError) as error:
+        where = "the manifest" if entry.sha256 or entry.size else pins.path
+        raise PinnedFileMismatchError(
+            f"manifest entry {entry.name!r}: {target} is not the file {where} pins: {error}"
+        ) from error
+    locked = LockedFile(target.stat().st_size, read_sidecar(target))
+    record_entry(pins.path, entry.name, LockedEntry(entry.hf.revision if entry.hf else None, commit,
+                                                    {entry.file: locked}))
+
+
+def resolve_hf_file_commit(hf: HFFile, timeout: float = 60) -> str:
+    """The commit a Hub file's revision (a branch or tag) points at now: the resolve URL's ``X-Repo-Commit``."""
+    url = hf_file_url(hf)
+    headers = {key.lower(): value for key, value in response_headers(url, timeout=timeout).items()}
+    commit = headers.get("x-repo-commit")
+    if not commit:
+        raise ManifestError(f"{url} did not name the commit of revision {hf.revision!r} (no X-Repo-Commit header); "
+                            "set the entry's revision to a full commit hash")
+    return commit
 
 
 def _extracted_outputs_verify(entry: ManifestEntry, archive: Path, dest: Path, outputs: list[Path]) -> bool:
@@ -394,18 +468,23 @@ def _extracted_outputs_verify(entry: ManifestEntry, archive: Path, dest: Path, o
     return not problems
 
 
-def _fetch_snapshot(entry: ManifestEntry, resources_dir: Path, outputs: list[Path]) -> None:
-    """An hf_snapshot entry: huggingface_hub.snapshot_download into local_dir, then a listing marker."""
+def _fetch_snapshot(entry: ManifestEntry, resources_dir: Path, outputs: list[Path], pins: _Pins) -> None:
+    """An hf_snapshot entry: huggingface_hub.snapshot_download of the pinned commit into local_dir, every file
+    checked against the lock (or pinned in it), then a listing marker."""
     import huggingface_hub  # imported here: only HF entries need it
 
     snapshot, local_dir = entry.hf_snapshot, resources_dir / entry.local_dir
     if not _snapshot_problems(local_dir, outputs):
         log.info("%s: snapshot already in %s; nothing to download", entry.name, local_dir)
         return
+    commit = pinned_commit(entry.name, snapshot.revision, pins.locked, pins.path)
+    if commit is None:
+        api = huggingface_hub.HfApi(endpoint=_hf_endpoint())
+        commit = api.repo_info(snapshot.repo_id, repo_type=snapshot.repo_type, revision=snapshot.revision).sha
     huggingface_hub.snapshot_download(
         repo_id=snapshot.repo_id,
         repo_type=snapshot.repo_type,
-        revision=snapshot.revision,
+        revision=commit,
         local_dir=str(local_dir),
         allow_patterns=list(snapshot.allow_patterns) if snapshot.allow_patterns else None,
         endpoint=_hf_endpoint(),
@@ -413,13 +492,35 @@ def _fetch_snapshot(entry: ManifestEntry, resources_dir: Path, outputs: list[Pat
     problems = [f"{p} is missing" for p in _missing_outputs(outputs)] + _missing_index_shards(local_dir)
     if problems:
         raise MissingOutputError(f"manifest entry {entry.name!r}: snapshot of {snapshot.repo_id}@"
-                                 f"{snapshot.revision} in {local_dir} is incomplete: {'; '.join(problems)}")
-    files, symlinks = tree_listing(local_dir)
+                                 f"{commit} in {local_dir} is incomplete: {'; '.join(problems)}")
+    files = _pinned_snapshot_files(entry, local_dir, pins)
+    record_entry(pins.path, entry.name, LockedEntry(snapshot.revision, commit, files))
     write_json(local_dir / SNAPSHOT_MARKER, {
         "repo_id": snapshot.repo_id, "repo_type": snapshot.repo_type, "revision": snapshot.revision,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "files": {rel: size for rel, size in files.items() if not rel.startswith(".cache" + os.sep)},
+        "commit": commit, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": {rel: pin.size for rel, pin in files.items()},
     })
+
+
+def _pinned_snapshot_files(entry: ManifestEntry, local_dir: Path, pins: _Pins) -> dict[str, LockedFile]:
+    """Size and sha256 of every file of a snapshot, each checked against its pin; a pinned file that is not
+    there is an error too."""
+    listed, _ = tree_listing(local_dir)
+    files = {}
+    for rel in sorted(r for r in listed if not r.startswith(".cache" + os.sep) and r != SNAPSHOT_MARKER):
+        path = local_dir / rel
+        files[rel] = LockedFile(path.stat().st_size, hash_file(path)["sha256"])
+        check_pinned_file(entry.name, path, rel, files[rel], pins.locked, pins.path)
+    for rel, sha256 in (entry.files_sha256 or {}).items():
+        actual = files[rel].sha256 if rel in files else "nothing (the file is missing)"
+        if actual != sha256:
+            raise PinnedFileMismatchError(f"manifest entry {entry.name!r}: {local_dir / rel} is not the file the "
+                                          f"manifest pins: expected sha256 {sha256}, got {actual}")
+    absent = sorted(set(pins.locked.files) - set(files)) if pins.locked else []
+    if absent:
+        raise PinnedFileMismatchError(f"manifest entry {entry.name!r}: {pins.path} pins {', '.join(absent)}, which "
+                                      f"the snapshot in {local_dir} does not have")
+    return files
 
 
 def _snapshot_problems(local_dir: Path, outputs: list[Path]) -> list[str]:

@@ -1,8 +1,8 @@
-"""VQA v2 and TextVQA (val) → one typed question table each, one row per question.
+"""VQA v2 (val, and test-dev) and TextVQA (val) → one typed question table each, one row per question.
 
-Columns (``QUESTION_SCHEMA``): ``dataset`` ("vqav2" / "textvqa"), ``question_id`` (int64), ``image_id``
-(str), ``image_path`` (str), ``question`` (str), ``answers`` (list<str>, exactly 10, raw as annotated:
-normalisation belongs to the scorer), ``answer_type`` (str), ``question_type`` (str),
+Columns (``QUESTION_SCHEMA``): ``dataset`` ("vqav2" / "vqav2_testdev" / "textvqa"), ``question_id`` (int64),
+``image_id`` (str), ``image_path`` (str), ``question`` (str), ``answers`` (list<str>, exactly 10, raw as
+annotated: normalisation belongs to the scorer; none for test-dev, whose answers are not public), ``answer_type`` (str), ``question_type`` (str),
 ``majority_answer`` (str), ``ocr_tokens`` (list<str>), ``ocr_source`` (str).
 
 Choices for TextVQA, which has neither answer types nor question types nor a majority answer:
@@ -227,6 +227,53 @@ def read_vqav2(
     return _question_frame(rows, referenced_by=questions_path, on_missing_image=on_missing_image)
 
 
+VQAV2_TESTDEV = "vqav2_testdev"
+# test-dev is a subset of test2015: its questions file says "test-dev2015", its images are test2015's.
+TEST_IMAGES_SUBTYPE = "test2015"
+UNKNOWN = "unknown"
+
+
+def read_vqav2_testdev(
+    questions_json: str | os.PathLike, images_dir: str | os.PathLike, *, on_missing_image: OnMissingImage = "error"
+) -> pd.DataFrame:
+    """VQA v2 test-dev questions (``v2_OpenEnded_mscoco_test-dev2015_questions.json``), one row per question.
+
+    No answers are public: ``answers`` is empty and the answer type, question type and majority answer are
+    ``"unknown"``/empty; the predictions are scored by the EvalAI server (:mod:`hnclip.llava.submission`).
+    Images are ``images_dir/COCO_test2015_{image_id:012d}.jpg``.
+    """
+    path = Path(questions_json)
+    records = _field(path, load_json(path), "questions", "the questions file")
+    images_dir = check_images_dir(images_dir)
+    rows = []
+    for index, record in enumerate(records):
+        question_id = _question_id(path, record, f"question #{index}")
+        image_id = _field(path, record, "image_id", f"question {question_id}")
+        if type(image_id) is not int:
+            raise VQAFormatError(f"{path}: question {question_id}: image_id must be an integer, got {image_id!r}")
+        rows.append({
+            "dataset": VQAV2_TESTDEV,
+            "question_id": question_id,
+            "image_id": str(image_id),
+            "image_path": vqav2_image_path(images_dir, TEST_IMAGES_SUBTYPE, image_id),
+            "question": _string_field(path, record, "question", f"question {question_id}"),
+            "answers": [],
+            "answer_type": UNKNOWN,
+            "question_type": UNKNOWN,
+            "majority_answer": "",
+            "ocr_tokens": [],
+            "ocr_source": NO_OCR,
+        })
+    return _question_frame(rows, referenced_by=path, on_missing_image=on_missing_image)
+
+
+def read_question_ids(questions_json: str | os.PathLike) -> list[int]:
+    """Every question id of a VQA v2 questions file, in its order (a submission lists all of test2015's)."""
+    path = Path(questions_json)
+    records = _field(path, load_json(path), "questions", "the questions file")
+    return [_question_id(path, record, f"question #{index}") for index, record in enumerate(records)]
+
+
 # --------------------------------------------------------------------------------------------------------
 # TextVQA
 
@@ -260,13 +307,15 @@ def _rosetta_tokens(path: Path, document: Any) -> dict[str, list[str]]:
     return tokens
 
 
-def _llava_tokens(path: Path) -> dict[int, list[str]]:
-    """LLaVA's question file (JSON lines with ``question_id`` and a prompt ``text``) → question id → tokens.
+def _llava_tokens(path: Path) -> dict[tuple[str, str], list[str]]:
+    """LLaVA's question file → (image id, lower-cased question) → OCR tokens.
 
-    LLaVA writes the tokens as one line ``Reference OCR token: a, b, c``; a question without that line
-    had no OCR tokens.
+    Each line is ``{"question_id": <TextVQA image id>, "image", "text", "category"}`` and ``text`` holds three
+    lines: the question, ``Reference OCR token: a, b, c`` (empty after the colon and space when the image has no
+    tokens) and the short-answer instruction. Its ``question_id`` is the image id, shared by every question of
+    an image, so LLaVA's own evaluator joins on (image id, lower-cased question), and so does this.
     """
-    tokens: dict[int, list[str]] = {}
+    tokens: dict[tuple[str, str], list[str]] = {}
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
@@ -278,9 +327,12 @@ def _llava_tokens(path: Path) -> dict[int, list[str]]:
             entry = json.loads(line)
         except json.JSONDecodeError as error:
             raise VQAFormatError(f"{path}: line {number}: malformed JSON: {error.msg}") from error
-        question_id = _question_id(path, entry, f"line {number}")
-        match = _OCR_LINE.search(_string_field(path, entry, "text", f"line {number}"))
-        tokens[question_id] = match.group(1).split(", ") if match and match.group(1).strip() else []
+        image_id = str(_field(path, entry, "question_id", f"line {number}"))
+        text = _string_field(path, entry, "text", f"line {number}")
+        match = _OCR_LINE.search(text)
+        tokens[(image_id, text.split("\n", 1)[0].lower())] = (
+            match.group(1).split(", ") if match and match.group(1) else []
+        )
     return tokens
 
 
@@ -290,7 +342,7 @@ class OcrLookup:
     def __init__(self, ocr_json: str | os.PathLike | None) -> None:
         self.path = None if ocr_json is None else Path(ocr_json)
         self.by_image: dict[str, list[str]] | None = None
-        self.by_question: dict[int, list[str]] | None = None
+        self.by_question: dict[tuple[str, str], list[str]] | None = None
         if self.path is None:
             return
         if self.path.suffix == ".jsonl":
@@ -303,9 +355,11 @@ class OcrLookup:
     def tokens(self, questions_path: Path, record: dict, question_id: int, image_id: str) -> tuple[list[str], str]:
         """(tokens, ocr_source) of one question; a question the OCR file does not cover is an error."""
         if self.by_question is not None:
-            if question_id not in self.by_question:
-                raise VQAFormatError(f"{self.path}: no OCR entry for question {question_id}")
-            return self.by_question[question_id], self.source
+            key = (image_id, str(record.get("question", "")).lower())
+            if key not in self.by_question:
+                raise VQAFormatError(f"{self.path}: no OCR entry for question {question_id} (image {image_id!r}, "
+                                     f"question {key[1]!r})")
+            return self.by_question[key], self.source
         if self.by_image is not None:
             if image_id not in self.by_image:
                 raise VQAFormatError(f"{self.path}: no OCR entry for image {image_id!r} (question {question_id})")

@@ -37,6 +37,7 @@ from hnclip.llava.predictions import (  # noqa: F401  (re-exported: the inferenc
 )
 from hnclip.llava.demo_model import PROTOCOL_FILE
 from hnclip.llava.prompt import (
+    asked_question,
     expand_image_tokens,
     llava15_prompt,
     num_image_tokens,
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 QUESTION_COLUMNS = ("question_id", "image_path", "question")
 # Settings that must agree between a resumed file's existing lines and the new run.
-RESUME_KEYS = ("prompt_variant", "max_new_tokens")
+RESUME_KEYS = ("prompt_variant", "max_new_tokens")  # a record is continued only with the same of each
 
 
 class QuestionTableError(ValueError):
@@ -96,13 +97,15 @@ def load_llava_for_inference(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_resume_settings(path: Path, done: dict[int, dict], settings: dict[str, Any]) -> None:
+def _check_resume_settings(path: Path, done: dict[int, dict], expected: dict[int, dict[str, Any]]) -> None:
+    """Every answered question was asked as this run would ask it (``expected``: per question id, RESUME_KEYS)."""
     for question_id, record in done.items():
-        for key in RESUME_KEYS:
-            if record.get(key) != settings[key]:
+        wanted = expected.get(question_id)
+        for key in RESUME_KEYS if wanted is not None else ():
+            if record.get(key) != wanted[key]:
                 raise PredictionFileError(
                     f"{path}: question_id {question_id} was answered with {key}={record.get(key)!r}, "
-                    f"this run uses {settings[key]!r}; remove the file to start over"
+                    f"this run uses {wanted[key]!r}; remove the file to start over"
                 )
 
 
@@ -121,9 +124,28 @@ def _validated_questions(questions: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _question_prompt(row, use_ocr: bool) -> str:
-    ocr = [str(t) for t in row.ocr_tokens] if use_ocr and getattr(row, "ocr_tokens", None) is not None else None
-    return llava15_prompt(row.question, ocr_tokens=ocr)
+def _ocr_tokens(row, use_ocr: bool) -> list[str] | None:
+    """The OCR line's tokens (an image without any gets the line empty, as LLaVA writes it), or None: no line."""
+    if not use_ocr:
+        return None
+    tokens = getattr(row, "ocr_tokens", None)
+    return [] if tokens is None else [str(t) for t in tokens]
+
+
+def question_prompt(row, use_ocr: bool) -> str:
+    """The exact prompt one question-table row is asked with (one ``<image>``, expanded to the image's tokens)."""
+    return llava15_prompt(asked_question(row.question, getattr(row, "dataset", None)),
+                          ocr_tokens=_ocr_tokens(row, use_ocr))
+
+
+def row_prompt_variant(row, use_ocr: bool) -> str:
+    return prompt_variant(use_ocr, getattr(row, "dataset", None))
+
+
+def table_prompt_variants(questions: pd.DataFrame, use_ocr: bool) -> list[str]:
+    """The prompt variants a question table's rows are asked with (one per dataset in it)."""
+    datasets = questions["dataset"].unique() if "dataset" in questions else [None]
+    return sorted({prompt_variant(use_ocr, None if d is None else str(d)) for d in datasets})
 
 
 def _load_images(question_ids: Sequence[int], image_paths: Sequence[str]) -> list[Image.Image]:
@@ -170,7 +192,7 @@ def generate_answers(
     ``pixel_values``: the rows' images already read and processed (by a loader worker); None = read them here."""
     model, tokenizer = llava.model, llava.tokenizer
     image_tokens = num_image_tokens(model.config.vision_config, model.config.vision_feature_select_strategy)
-    prompts = [expand_image_tokens(_question_prompt(row, use_ocr), image_tokens) for row in rows]
+    prompts = [expand_image_tokens(question_prompt(row, use_ocr), image_tokens) for row in rows]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     parameter = next(model.parameters())
     if pixel_values is None:
@@ -192,17 +214,19 @@ def generate_answers(
 
 
 def _prediction_record(row, prediction: str, n_tokens: int, settings: dict[str, Any]) -> dict[str, Any]:
-    ocr = [str(t) for t in row.ocr_tokens] if settings["use_ocr"] and getattr(row, "ocr_tokens", None) is not None else []
+    """One answer with everything needed to audit it: ``prompt`` is the text the model was given (its one
+    ``<image>`` stands for the image's patch tokens)."""
     return {
         "question_id": int(row.question_id),
         "dataset": getattr(row, "dataset", None),
         "image_id": None if getattr(row, "image_id", None) is None else str(row.image_id),
         "question": row.question,
+        "prompt": question_prompt(row, settings["use_ocr"]),
         "prediction": prediction,
         "generated_tokens": n_tokens,
-        "prompt_variant": settings["prompt_variant"],
+        "prompt_variant": row_prompt_variant(row, settings["use_ocr"]),
         "use_ocr": settings["use_ocr"],
-        "ocr_tokens": ocr,
+        "ocr_tokens": _ocr_tokens(row, settings["use_ocr"]) or [],
         "max_new_tokens": settings["max_new_tokens"],
     }
 
@@ -239,9 +263,12 @@ def answer_questions(
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token: batched decoding needs one")
     questions_df = _validated_questions(questions_df)
     out_jsonl = Path(out_jsonl)
-    settings = {"prompt_variant": prompt_variant(use_ocr), "use_ocr": use_ocr, "max_new_tokens": max_new_tokens}
+    settings = {"use_ocr": use_ocr, "max_new_tokens": max_new_tokens}
     done = read_completed_predictions(out_jsonl)
-    _check_resume_settings(out_jsonl, done, settings)
+    expected = {int(row.question_id): {"prompt_variant": row_prompt_variant(row, use_ocr),
+                                       "max_new_tokens": max_new_tokens}
+                for row in questions_df.itertuples(index=False)}
+    _check_resume_settings(out_jsonl, done, expected)
     unknown = set(done) - set(int(q) for q in questions_df["question_id"])
     if unknown:
         raise PredictionFileError(f"{out_jsonl} holds {len(unknown)} question(s) not in this question table, "
@@ -304,7 +331,8 @@ def _answer_resumably(
     device = next(llava.model.parameters()).device
     fingerprint = job_fingerprint(
         {**settings, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "use_ocr": use_ocr,
-         "prompt_variant": prompt_variant(use_ocr), "device": device.type, "dtype": str(dtype)},
+         "prompt_variants": table_prompt_variants(questions, use_ocr), "device": device.type,
+         "dtype": str(dtype)},
         [checkpoint_dir, questions_parquet],
     )
     claim_state_dir(state_dir, fingerprint)
@@ -347,7 +375,7 @@ def predict_vqa(
         "n_questions": len(questions),
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
-        "prompt_variant": prompt_variant(use_ocr),
+        "prompt_variants": table_prompt_variants(questions, use_ocr),
         "pad_colour": list(llava.pad_colour),
         "device": device,
         "dtype": str(next(llava.model.parameters()).dtype),
@@ -383,4 +411,4 @@ def answer_chunk(
             use_ocr=part.use_ocr, dtype=dtype,
         )
         logger.info("%s: %d questions in %.1f s (%s, batch %d, %s)", part.dataset, len(questions), seconds, device,
-                    batch_size, prompt_variant(part.use_ocr))
+                    batch_size, prompt_variant(part.use_ocr, part.dataset))

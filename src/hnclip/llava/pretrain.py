@@ -33,6 +33,7 @@ from hnclip.io import atomic_path
 from hnclip.llava.prompt import (
     IMAGE_TOKEN,
     OCR_LINE_PREFIX,
+    asked_question,
     expand_image_tokens,
     llava15_followup_turn,
     llava15_prompt,
@@ -98,7 +99,7 @@ def tokenizer_training_texts(questions: pd.DataFrame) -> Iterator[str]:
     except what is read off a sign (OCR tokens, every TextVQA answer, even where the OCR missed), which it spells."""
     yield OCR_LINE_PREFIX
     for row in questions.itertuples(index=False):
-        yield llava15_prompt(row.question)
+        yield llava15_prompt(asked_question(row.question, row.dataset))
         if row.dataset not in READING_DATASETS:
             yield from (str(answer) for answer in getattr(row, "answers", [row.majority_answer]))
             yield str(row.majority_answer)
@@ -181,10 +182,11 @@ def build_training_examples(
         for turn, row in enumerate(conversation):
             ocr = _ocr_list(row.ocr_tokens)
             ocr = ocr if ocr and rng.random() < ocr_prompt_fraction else None
+            question = asked_question(row.question, row.dataset)
             if turn == 0:
-                prompt_ids = tokenizer(expand_image_tokens(llava15_prompt(row.question, ocr_tokens=ocr), image_tokens))
+                prompt_ids = tokenizer(expand_image_tokens(llava15_prompt(question, ocr_tokens=ocr), image_tokens))
             else:
-                prompt_ids = tokenizer(llava15_followup_turn(row.question, ocr_tokens=ocr), add_special_tokens=False)
+                prompt_ids = tokenizer(llava15_followup_turn(question, ocr_tokens=ocr), add_special_tokens=False)
             answer_ids = _answer_ids(tokenizer, str(row.majority_answer))
             input_ids += prompt_ids["input_ids"] + answer_ids
             labels += [IGNORE_INDEX] * len(prompt_ids["input_ids"]) + answer_ids

@@ -6,19 +6,23 @@ assistant turn left open as ``"ASSISTANT:"``), the short-answer instruction of L
 and ``expand2square`` padding with the image processor's mean colour. ``llava-hf``'s chat template drops the
 system line and its processor centre-crops without padding, so neither is used here.
 
-OCR line: LLaVA's TextVQA question file (``llava_textvqa_val_v051_ocr.jsonl``) is not readable from here.
-What is verified: its evaluator (``llava/eval/eval_textvqa.py``) expects three lines ``question``,
-``Reference OCR token: …``, instruction, and lmms-eval's TextVQA task, which reproduces that file, joins the
-tokens with ``", "``. *Unverified*: how that file writes a question without OCR tokens (its evaluator also
-accepts a two-line prompt, so we omit the line).
+TextVQA, checked against all 5,000 records of LLaVA's ``llava_textvqa_val_v051_ocr.jsonl`` and lmms-eval's
+``textvqa_doc_to_text``: the question is asked as ``str.capitalize()`` writes it (TextVQA's questions are lower
+case; "what is the brand of this camera?" → "What is the brand of this camera?"), and the OCR line is
+``Reference OCR token: `` followed by the tokens joined with ``", "``, present even when the image has no
+tokens (then it ends with the space). VQA v2 questions are asked as written (the dataset capitalises them).
+
+Import-light on purpose (torch and PIL load in the functions that need them): the workflow reads the prompt
+variants when it plans the VQA jobs.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-from PIL import Image
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -30,16 +34,23 @@ IMAGE_TOKEN = "<image>"
 # LLaVA's expand2square colour: tuple(int(255 * m) for m in OPENAI_CLIP_MEAN).
 LLAVA_PAD_COLOUR = (122, 116, 104)
 PROMPT_VARIANT = "llava15_vicuna_v1_short_answer"
-PROMPT_VARIANT_OCR = "llava15_vicuna_v1_short_answer_ocr"
+# Datasets whose questions LLaVA-1.5 rewrites before asking them, and how.
+CAPITALISED_DATASETS = frozenset({"textvqa"})
+
+
+def asked_question(question: str, dataset: str | None = None) -> str:
+    """The question as LLaVA-1.5 asks it: TextVQA's through ``str.capitalize()``, any other as written."""
+    return question.capitalize() if dataset in CAPITALISED_DATASETS else question
 
 
 def llava15_user_message(question: str, *, ocr_tokens: Sequence[str] | None = None, with_image: bool = True) -> str:
-    """The user turn: ``<image>`` (first turn only), the question, the optional OCR line, the short-answer instruction."""
+    """The user turn: ``<image>`` (first turn only), the question, the OCR line unless ``ocr_tokens`` is None
+    (an empty list writes it empty, as LLaVA does), the short-answer instruction."""
     if not question or not question.strip():
         raise ValueError("empty question: a LLaVA prompt needs question text")
     lines = [IMAGE_TOKEN] if with_image else []
     lines.append(question.strip())
-    if ocr_tokens:
+    if ocr_tokens is not None:
         lines.append(OCR_LINE_PREFIX + ", ".join(str(token) for token in ocr_tokens))
     lines.append(SHORT_ANSWER_INSTRUCTION)
     return "\n".join(lines)
@@ -48,7 +59,7 @@ def llava15_user_message(question: str, *, ocr_tokens: Sequence[str] | None = No
 def llava15_prompt(question: str, *, ocr_tokens: Sequence[str] | None = None) -> str:
     """The full LLaVA-1.5 ``vicuna_v1`` prompt for one VQA question, ending with the open ``ASSISTANT:`` turn.
 
-    ``ocr_tokens`` None or empty leaves the OCR line out (see the module docstring).
+    ``ocr_tokens`` None leaves the OCR line out; the question goes in as given (see :func:`asked_question`).
     """
     return f"{SYSTEM_PROMPT} USER: {llava15_user_message(question, ocr_tokens=ocr_tokens)} ASSISTANT:"
 
@@ -62,9 +73,11 @@ def llava15_followup_turn(question: str, *, ocr_tokens: Sequence[str] | None = N
     return f"USER: {llava15_user_message(question, ocr_tokens=ocr_tokens, with_image=False)} ASSISTANT:"
 
 
-def prompt_variant(use_ocr: bool) -> str:
-    """The name recorded with each prediction, so scores never mix the OCR and no-OCR protocols."""
-    return PROMPT_VARIANT_OCR if use_ocr else PROMPT_VARIANT
+def prompt_variant(use_ocr: bool, dataset: str | None = None) -> str:
+    """The name recorded with each prediction, so scores never mix protocols (OCR line or not, question as written
+    or capitalised); a job resumes only from predictions of the same variant."""
+    variant = PROMPT_VARIANT + ("_capitalised" if dataset in CAPITALISED_DATASETS else "")
+    return variant + ("_ocr" if use_ocr else "")
 
 
 def num_image_tokens(vision_config, vision_feature_select_strategy: str = "default") -> int:
@@ -103,6 +116,8 @@ def pad_to_square(image: Image.Image, background: tuple[int, int, int] = LLAVA_P
     A square image is returned unchanged; otherwise the short side is padded, with the odd pixel (if
     any) going to the bottom/right as in LLaVA (offset ``(long - short) // 2``).
     """
+    from PIL import Image
+
     image = image.convert("RGB")
     width, height = image.size
     if width == height:

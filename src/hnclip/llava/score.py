@@ -17,6 +17,7 @@ import pandas as pd
 from hnclip.evaluate.stats import align_reference, bootstrap_ci, paired_bootstrap
 from hnclip.io import atomic_path, write_json
 from hnclip.llava.predictions import gather_chunks
+from hnclip.llava.metrics import normalize_textvqa_answer as evalai_answer
 from hnclip.llava.metrics import textvqa_accuracy, textvqa_exact_match, vqa_accuracy
 from hnclip.provenance import provenance
 
@@ -38,7 +39,9 @@ def score_items(predictions: pd.DataFrame, questions: pd.DataFrame, dataset: str
         table["accuracy"] = [textvqa_accuracy(p, a) for p, a in zip(table["prediction"], answers)]
         table["exact_match"] = [textvqa_exact_match(p, a) for p, a in zip(table["prediction"], answers)]
     else:
-        table["accuracy"] = [vqa_accuracy(p, a) for p, a in zip(table["prediction"], answers)]
+        # As LLaVA-1.5's reported VQA v2 number: its answers pass the EvalAI processor before upload, and the
+        # server's VQA evaluation scores what arrives ("man's hat" arrives as "man 's hat").
+        table["accuracy"] = [vqa_accuracy(evalai_answer(p), a) for p, a in zip(table["prediction"], answers)]
     columns = ["question_id", "image_id", "answer_type", "question_type", "prediction", "accuracy"]
     return table[columns + (["exact_match"] if dataset == "textvqa" else [])]
 

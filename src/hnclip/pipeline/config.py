@@ -78,6 +78,16 @@ def _coerce_scalar(value: str, types: list[str]):
     return value
 
 
+def _schema_types(schema: dict, root: dict) -> list[str]:
+    """The JSON types a value may take, through ``oneOf``/``anyOf`` branches too (``chunks: 2`` or ``auto``)."""
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else list(types)
+    for branch in schema.get("oneOf", []) + schema.get("anyOf", []):
+        branch = _resolve_ref(branch, root)
+        types += _schema_types(branch, root)  # a const branch ("auto") adds none: "2" is then tried as a number
+    return types
+
+
 def coerce_strings(config: dict, schema: dict, root: dict | None = None) -> dict:
     """Return ``config`` with string values turned into the booleans/numbers the schema asks for, recursively."""
     root = root or schema
@@ -86,8 +96,7 @@ def coerce_strings(config: dict, schema: dict, root: dict | None = None) -> dict
         if key not in coerced:
             continue
         sub_schema = _resolve_ref(sub_schema, root)
-        types = sub_schema.get("type", [])
-        types = [types] if isinstance(types, str) else list(types)
+        types = _schema_types(sub_schema, root)
         value = coerced[key]
         if isinstance(value, dict) and "properties" in sub_schema:
             coerced[key] = coerce_strings(value, sub_schema, root)
@@ -135,10 +144,25 @@ def check_paths_exist(config: dict, base_dir: str | os.PathLike = ".") -> None:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(missing))
 
 
+# Datasets the synthetic world does not write: they need the real files.
+REAL_DATA_ONLY_DATASETS = ("vqav2_testdev",)
+
+
+def check_datasets_available(config: dict) -> None:
+    """A dataset the data source cannot provide is a config error, not a missing file halfway through a run."""
+    if config.get("data_source") != "synth":
+        return
+    unavailable = [d for d in config["llava"]["datasets"] if d in REAL_DATA_ONLY_DATASETS]
+    if unavailable:
+        raise ConfigError(f"invalid configuration:\n  config key llava.datasets: {', '.join(unavailable)} needs "
+                          "data_source: download (the synthetic world has no VQA v2 test split)")
+
+
 def validate_config(config: dict, schema: dict | None = None, base_dir: str | os.PathLike = ".") -> dict:
     """Fill defaults, validate against the schema and the path checks; return the completed config."""
     schema = schema if schema is not None else load_schema()
     completed = fill_defaults(coerce_strings(config, schema), schema)
     validate_schema(completed, schema)
     check_paths_exist(completed, base_dir)
+    check_datasets_available(completed)
     return completed

@@ -160,7 +160,8 @@ def _cells(config: dict) -> int:
 def vqa_question_counts(config: dict) -> dict[str, int]:
     estimate = config["estimate"]
     vqav2 = config["preprocess"]["vqa_subsample"] or estimate["vqav2_questions"]
-    counts = {"vqav2": vqav2, "textvqa": estimate["textvqa_questions"]}
+    counts = {"vqav2": vqav2, "textvqa": estimate["textvqa_questions"],
+              "vqav2_testdev": estimate["vqav2_testdev_questions"]}
     return {dataset: counts[dataset] for dataset in config["llava"]["datasets"]}
 
 
