@@ -294,7 +294,7 @@ def vqa_footprint(config: dict, clip: ClipShape, llm: LlmShape) -> Footprint:
     gpu = weights + kv_cache + logits + CUDA_OVERHEAD_MB
     chunks = vqa_chunks(config)
     return Footprint("vqa", "vqa", (_cells(config) + 1) * chunks, host, gpu, 20.0,
-                     f"{chunks} job(s) per model, both datasets, model loaded once")
+                     f"{chunks} job(s) per model, every dataset, model loaded once")
 
 
 def export_full_footprint(config: dict, clip: ClipShape, llm: LlmShape) -> Footprint:
