@@ -68,3 +68,20 @@ rule figures:
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
     script:
         "../workflow_scripts/figures.py"
+
+
+rule leakage_table:
+    input:
+        expand(
+            run_path("data/compositional/{benchmark}_leakage.json"),
+            benchmark=COMPOSITIONAL,
+        ),
+    output:
+        csv=run_path("tables/leakage.csv"),
+        md=run_path("tables/leakage.md"),
+    log:
+        run_path("logs/leakage_table/leakage_table.log"),
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../workflow_scripts/leakage_table.py"

@@ -7,6 +7,8 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from hnclip.pipeline.config import ConfigError, validate_config
 from hnclip.llava.prompt import prompt_variant
+from hnclip.data.compositional import SUGARCREPE_CATEGORIES
+from hnclip.pipeline.config import compositional_benchmarks
 from hnclip.pipeline.estimate import rule_resources, vqa_chunks
 from hnclip.pipeline.grid import (
     CELL_WILDCARDS,
@@ -28,6 +30,7 @@ wildcard_constraints:
     seed=r"[0-9]+",
     dataset=r"vqav2|textvqa|vqav2_testdev",
     chunk=r"[0-9]+",
+    benchmark=r"sugarcrepe|aro|winoground",
 
 
 # Everything one run writes (results, logs, benchmarks, resume state) lives under results/<run_name>/, so the
@@ -57,6 +60,17 @@ SYNTH_PATHS = {
     "textvqa_ocr": f"{SYNTH_DIR}/textvqa/TextVQA_Rosetta_OCR_v0.2_val.json",
     "textvqa_images": f"{SYNTH_DIR}/textvqa/train_images",
     "zeroshot": f"{SYNTH_DIR}/zeroshot",
+    "sugarcrepe": f"{SYNTH_DIR}/sugarcrepe",
+    "coco_val2017_images": f"{SYNTH_DIR}/sugarcrepe/val2017",
+    "aro_vg_relation": f"{SYNTH_DIR}/aro/visual_genome_relation.json",
+    "aro_vg_attribution": f"{SYNTH_DIR}/aro/visual_genome_attribution.json",
+    "aro_vg_images": f"{SYNTH_DIR}/aro/images",
+    "coco_karpathy_test": f"{SYNTH_DIR}/aro/coco_karpathy_test.json",
+    "coco_images": f"{SYNTH_DIR}/aro",
+    "flickr30k_karpathy_test": f"{SYNTH_DIR}/aro/flickr30k_test.json",
+    "flickr30k_images": f"{SYNTH_DIR}/aro",
+    "winoground": f"{SYNTH_DIR}/winoground/data",
+    "vg_image_data": f"{SYNTH_DIR}/vg/image_data.json",
 }
 
 # The demo LLaVA's training questions (the synthetic world's train splits).
@@ -111,13 +125,50 @@ DOWNLOADS = {
         "models/clip/ViT-L-14-336-openai/open_clip_model.safetensors",
     ),
     "llava_base": ("llava_1_5_7b_hf", "models/llava/llava-1.5-7b-hf"),
+    "coco_val2017_images": ("coco_val2017_images", "raw/coco/val2017"),
+    "aro_vg_relation": ("aro_vg_relation", "raw/aro/visual_genome_relation.json"),
+    "aro_vg_attribution": (
+        "aro_vg_attribution",
+        "raw/aro/visual_genome_attribution.json",
+    ),
+    "aro_vg_images": ("aro_vg_images", "raw/aro/images"),
+    "coco_karpathy_test": ("coco_karpathy_test", "raw/aro/coco_karpathy_test.json"),
+    "coco_images": ("coco_val2014_images", "raw/vqav2"),
+    "flickr30k_karpathy_test": (
+        "flickr30k_karpathy_test",
+        "raw/aro/flickr30k_test.json",
+    ),
+    "flickr30k_images": ("flickr30k_images", "raw/flickr30k"),
+    "winoground": ("winoground_images", "raw/winoground/data"),
+    "vg_image_data": ("vg_image_data", "raw/vg/image_data.json"),
 }
-DOWNLOAD_PATHS = {key: f"resources/{path}" for key, (_, path) in DOWNLOADS.items()}
+# Inputs fetched by several manifest entries: every entry's marker is waited for.
+MULTI_ENTRY_DOWNLOADS = {
+    "sugarcrepe": (
+        [f"sugarcrepe_{category}" for category in SUGARCREPE_CATEGORIES],
+        "raw/sugarcrepe",
+    ),
+    "winoground": (["winoground_examples", "winoground_images"], "raw/winoground/data"),
+}
+DOWNLOAD_PATHS = {
+    key: f"resources/{path}"
+    for key, (_, path) in {**DOWNLOADS, **MULTI_ENTRY_DOWNLOADS}.items()
+}
 DOWNLOAD_MARKERS = {
     key: f"resources/.fetched/{entry}.json" for key, (entry, _) in DOWNLOADS.items()
 }
+DOWNLOAD_MARKERS.update(
+    {
+        key: [f"resources/.fetched/{entry}.json" for entry in entries]
+        for key, (entries, _) in MULTI_ENTRY_DOWNLOADS.items()
+    }
+)
 
 IS_DEMO = config["data_source"] == "synth"
+# The compositionality benchmarks evaluated (a gated one is skipped, with a message, when no token can fetch it).
+COMPOSITIONAL, COMPOSITIONAL_SKIPPED = compositional_benchmarks(config)
+for message in COMPOSITIONAL_SKIPPED:
+    print(message, file=sys.stderr)
 GRID = config["finetune"]["grid"]
 CELLS = grid_cells(GRID["alpha"], GRID["tau"], GRID["seed"])
 MODELS = ["baseline"] + CELLS
@@ -292,7 +343,7 @@ def eval_references(wildcards):
             name: run_path(f"eval/{other}/{benchmark}_items.parquet")
             for name, other in others.items()
         }
-        for benchmark in ["hnc", "zeroshot"]
+        for benchmark in ["hnc", "zeroshot"] + COMPOSITIONAL
     }
 
 
@@ -313,7 +364,51 @@ EVAL_BENCHMARKS = [
     "hnc",
     "zeroshot",
     "drift",
-]  # one evaluate_encoder job writes all three
+] + COMPOSITIONAL  # one evaluate_encoder job writes them all
+
+# ---- compositionality benchmarks: raw inputs, and the item tables (with the leakage flag) every model reads
+COMPOSITIONAL_INPUT_KEYS = {
+    "sugarcrepe": ["sugarcrepe", "coco_val2017_images"],
+    "aro": [
+        "aro_vg_relation",
+        "aro_vg_attribution",
+        "aro_vg_images",
+        "coco_karpathy_test",
+        "coco_images",
+        "flickr30k_karpathy_test",
+        "flickr30k_images",
+    ],
+    "winoground": ["winoground"],
+}
+
+
+def compositional_raw_inputs(wildcards):
+    keys = COMPOSITIONAL_INPUT_KEYS[wildcards.benchmark] + ["vg_image_data"]
+    found = []
+    for key in keys:
+        value = raw_input(key)
+        found += value if isinstance(value, list) else [value]
+    return sorted(set(found))
+
+
+def compositional_raw_paths(benchmark):
+    keys = COMPOSITIONAL_INPUT_KEYS[benchmark] + ["vg_image_data"]
+    return {key: raw_path(key) for key in keys}
+
+
+def compositional_items(benchmark):
+    return run_path(f"data/compositional/{benchmark}.parquet")
+
+
+def compositional_eval_outputs():
+    """evaluate_encoder's outputs for the compositionality benchmarks: results and per-item Parquet."""
+    outputs = {}
+    for benchmark in COMPOSITIONAL:
+        outputs[benchmark] = run_path(f"eval/{{model}}/{benchmark}.json")
+        outputs[f"{benchmark}_items"] = run_path(
+            f"eval/{{model}}/{benchmark}_items.parquet"
+        )
+    return outputs
 
 
 def eval_outputs(models=None):
@@ -395,7 +490,7 @@ def llava_train_paths(dataset):
 
 
 # ---- aggregation ------------------------------------------------------------------------------------------------
-BENCHMARKS = ["hnc_test", "zeroshot", "drift"] + SCORED_VQA_DATASETS
+BENCHMARKS = ["hnc_test", "zeroshot", "drift"] + COMPOSITIONAL + SCORED_VQA_DATASETS
 TABLE_FILES = [
     run_path(f"tables/{b}.{ext}") for b in BENCHMARKS for ext in ["csv", "md", "tex"]
 ]
@@ -406,6 +501,7 @@ FIGURE_STEMS = [
     "heatmap_drift_cka",
     *[f"heatmap_{d}_accuracy" for d in SCORED_VQA_DATASETS],
     "type_groups",
+    *(["compositional"] if COMPOSITIONAL else []),
     "tradeoff",
     "training_curves",
 ]
@@ -447,6 +543,7 @@ def get_final_output():
     if IS_DEMO:
         targets.append(SYNTH_MARKER)
     targets += [run_path(f"data/hnc/{split}/stats.json") for split in HNC_SPLITS]
+    targets += [run_path("tables/leakage.md")] if COMPOSITIONAL else []
     targets += expand(rules.preprocess_vqa.output[0], dataset=VQA_DATASETS)
     targets += [model_weights(model) for model in MODELS]
     targets += eval_outputs()

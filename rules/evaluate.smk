@@ -5,8 +5,10 @@ rule evaluate_encoder:
         baseline=BASELINE_WEIGHTS,
         shards=hnc_shards("test"),
         zeroshot=raw_input("zeroshot"),
+        compositional=[compositional_items(b) for b in COMPOSITIONAL],
         references=eval_reference_files,
     output:
+        **compositional_eval_outputs(),
         hnc=run_path("eval/{model}/hnc.json"),
         hnc_items=run_path("eval/{model}/hnc_items.parquet"),
         zeroshot=run_path("eval/{model}/zeroshot.json"),
@@ -26,6 +28,7 @@ rule evaluate_encoder:
         zeroshot_root=raw_path("zeroshot"),
         zeroshot_format=config["evaluate"]["zeroshot_format"],
         drift_images=config["evaluate"]["drift_images"],
+        compositional={b: compositional_items(b) for b in COMPOSITIONAL},
         model_name=config["model"]["clip_name"],
         settings=eval_settings(),
     script:

@@ -73,3 +73,27 @@ use rule preprocess_vqa as preprocess_vqa_train with:
         seed=config["preprocess"]["subsample_seed"],
         use_ocr=True,
         on_missing_image=config["preprocess"]["on_missing_image"],
+
+
+# The compositionality benchmarks as item tables, each item flagged when its image is one HNC trained on.
+rule preprocess_compositional:
+    input:
+        raw=compositional_raw_inputs,
+        train_shards=hnc_shards("train"),
+    output:
+        table=run_path("data/compositional/{benchmark}.parquet"),
+        leakage=run_path("data/compositional/{benchmark}_leakage.json"),
+    log:
+        run_path("logs/preprocess_compositional/{benchmark}.log"),
+    conda:
+        "../envs/data.yaml"
+    threads: 1
+    resources:
+        **job_resources("default"),
+    params:
+        benchmark="{benchmark}",
+        paths=lambda wildcards: compositional_raw_paths(wildcards.benchmark),
+        order_seed=config["evaluate"]["order_seed"],
+        on_missing_image=config["preprocess"]["on_missing_image"],
+    script:
+        "../workflow_scripts/preprocess_compositional.py"

@@ -15,6 +15,7 @@ def main(smk):
         references=smk.params.references,
         outputs=dict(smk.output.items()),
         drift_images=smk.params.drift_images,
+        compositional=smk.params.compositional,
         config=smk.config,
         **smk.params.settings,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -108,8 +108,15 @@ def read_ahead(
 
 
 # ---- images ---------------------------------------------------------------------------------------------------------
-# An image to encode: a file path, a PIL image, or an H×W×3 uint8 array (CIFAR keeps images in memory).
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+class CroppedImage(NamedTuple):
+    """A box of an image file, read as lazily as a path: (x, y, w, h) in pixels (ARO's VG crops)."""
+
+    path: str
+    box: tuple[float, float, float, float]
+
+
+# An image to encode: a file path, a box of one, a PIL image, or an H×W×3 uint8 array (CIFAR keeps images in memory).
+ImageSource = Union[str, os.PathLike, CroppedImage, Image.Image, np.ndarray]
 
 
 class ImageReadError(OSError):
@@ -126,6 +133,9 @@ def load_image(source: ImageSource) -> Image.Image:
                 f"in-memory image must be an H×W×3 uint8 array, not shape {source.shape} {source.dtype}"
             )
         return Image.fromarray(source)  # H×W×3 uint8 is RGB
+    if isinstance(source, CroppedImage):
+        x, y, w, h = source.box
+        return load_image(source.path).crop((round(x), round(y), round(x + w), round(y + h)))
     path = Path(source)
     try:
         with Image.open(path) as image:

@@ -435,7 +435,12 @@ def test_project_manifest_is_valid_and_agrees_with_its_sources():
     expected = {"gqa_images", "gqa_scene_graphs", "hnc_train", "hnc_val", "hnc_test", "vqav2_val_questions",
                 "vqav2_val_annotations", "coco_val2014_images", "textvqa_val", "textvqa_images",
                 "textvqa_rosetta_ocr_val", "llava_textvqa_val_questions", "cifar10", "cifar100",
-                "clip_vit_l14_336_openai", "llava_1_5_7b_hf", "vqav2_test_questions", "coco_test2015_images"}
+                "clip_vit_l14_336_openai", "llava_1_5_7b_hf", "vqav2_test_questions", "coco_test2015_images",
+                *(f"sugarcrepe_{c}" for c in ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel",
+                                              "swap_att", "swap_obj")),
+                "coco_val2017_images", "aro_vg_relation", "aro_vg_attribution", "aro_vg_images", "coco_karpathy_test",
+                "flickr30k_karpathy_test", "flickr30k_images", "vg_image_data", "winoground_examples",
+                "winoground_images"}
     assert set(entries) == expected
     assert entries["gqa_images"].size == 21_817_965_542
     assert {entries[f"hnc_{s}"].hf.filename for s in ("train", "val", "test")} == {

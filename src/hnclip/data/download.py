@@ -187,8 +187,11 @@ def download(
     backoff: float = 1.0,
     timeout: float = 60,
     rehash: bool = False,
+    headers: Mapping[str, str] | None = None,
 ) -> Path:
     """Download ``url`` to ``dest`` (resumable, retried, verified, atomic) and return ``dest``.
+
+    ``headers`` go with every request (a gated Hugging Face file needs ``Authorization``).
 
     Bytes go to ``<dest>.part``; an interrupted transfer resumes from its length with ``Range:
     bytes=N-`` and ``If-Range`` naming the version the part began with (ETag or Last-Modified, kept in
@@ -213,7 +216,8 @@ def download(
         sidecar_path(dest).unlink(missing_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    digests = _transfer_with_retries(url, part, expected, retries=retries, backoff=backoff, timeout=timeout)
+    digests = _transfer_with_retries(url, part, expected, retries=retries, backoff=backoff, timeout=timeout,
+                                     headers=dict(headers or {}))
     _verify_transfer(url, part, digests, expected)
     _write_sidecar(dest, digests["sha256"])  # before the rename, so a final file always has its sidecar
     os.replace(part, dest)
@@ -227,11 +231,11 @@ class _KeepRedirects(urllib.request.HTTPRedirectHandler):
         return None  # the first answer's headers are wanted, not the redirect target's
 
 
-def response_headers(url: str, *, timeout: float = 60) -> Mapping[str, str]:
+def response_headers(url: str, *, timeout: float = 60, headers: Mapping[str, str] | None = None) -> Mapping[str, str]:
     """The headers of a HEAD request to ``url``, redirects not followed (the Hub names the commit a revision
     resolves to in the first answer, ``X-Repo-Commit``, then redirects large files to a CDN)."""
     require_http_url(url)
-    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": USER_AGENT})
+    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": USER_AGENT, **(headers or {})})
     try:
         with urllib.request.build_opener(_KeepRedirects).open(request, timeout=timeout) as response:
             return dict(response.headers.items())
@@ -254,7 +258,8 @@ def _is_retryable_status(status: int) -> bool:
 
 
 def _transfer_with_retries(
-    url: str, part: Path, expected: _Expected, *, retries: int, backoff: float, timeout: float
+    url: str, part: Path, expected: _Expected, *, retries: int, backoff: float, timeout: float,
+    headers: dict[str, str],
 ) -> dict[str, str]:
     """Run transfer attempts until one completes; return the digests of the complete part file."""
     last_error: BaseException | None = None
@@ -265,7 +270,7 @@ def _transfer_with_retries(
                         last_error, delay)
             _sleep(delay)
         try:
-            return _transfer_once(url, part, expected, timeout)
+            return _transfer_once(url, part, expected, timeout, headers)
         except urllib.error.HTTPError as error:
             error.close()
             if not _is_retryable_status(error.code):
@@ -279,13 +284,13 @@ def _transfer_with_retries(
     ) from last_error
 
 
-def _transfer_once(url: str, part: Path, expected: _Expected, timeout: float) -> dict[str, str]:
+def _transfer_once(url: str, part: Path, expected: _Expected, timeout: float, extra_headers: dict[str, str]) -> dict[str, str]:
     """One HTTP request: resume or restart ``part`` and stream the body into it."""
     validator = _resume_validator(part, url)
     offset = _resumable_offset(part, expected.size)
     if expected.size is not None and offset == expected.size:
         return hash_file(part, expected.algorithms)  # an earlier run got every byte but stopped before verifying
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **extra_headers}
     if offset:
         headers["Range"] = f"bytes={offset}-"
         if validator:

@@ -428,13 +428,15 @@ def _download_pinned(entry: ManifestEntry, target: Path, pins: _Pins, *, timeout
     """Download the entry's file at its pinned commit against its pinned digest, then pin what was fetched."""
     sha256, size = expected_file(entry.name, entry.file, sha256=entry.sha256, size=entry.size, locked=pins.locked,
                                  lock_path=pins.path)
-    hf, commit = entry.hf, None
+    hf, commit, headers = entry.hf, None, {}
     if hf is not None:
-        commit = pinned_commit(entry.name, hf.revision, pins.locked, pins.path) or resolve_hf_file_commit(hf, timeout)
+        headers = hf_auth_headers()
+        commit = (pinned_commit(entry.name, hf.revision, pins.locked, pins.path)
+                  or resolve_hf_file_commit(hf, timeout, headers))
         hf = replace(hf, revision=commit)
     url = hf_file_url(hf) if hf is not None else entry_url(entry)
     try:
-        download(url, target, sha256=sha256, md5=entry.md5, size=size, timeout=timeout, **options)
+        download(url, target, sha256=sha256, md5=entry.md5, size=size, timeout=timeout, headers=headers, **options)
     except (ChecksumMismatchError, SizeMismatchError) as error:
         where = "the manifest" if entry.sha256 or entry.size else pins.path
         raise PinnedFileMismatchError(
@@ -445,10 +447,19 @@ def _download_pinned(entry: ManifestEntry, target: Path, pins: _Pins, *, timeout
                                                     {entry.file: locked}))
 
 
-def resolve_hf_file_commit(hf: HFFile, timeout: float = 60) -> str:
+def hf_auth_headers() -> dict[str, str]:
+    """The user's Hugging Face token as a header (gated datasets such as Winoground need it), if there is one."""
+    import huggingface_hub
+
+    token = huggingface_hub.get_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def resolve_hf_file_commit(hf: HFFile, timeout: float = 60, auth: Mapping[str, str] | None = None) -> str:
     """The commit a Hub file's revision (a branch or tag) points at now: the resolve URL's ``X-Repo-Commit``."""
     url = hf_file_url(hf)
-    headers = {key.lower(): value for key, value in response_headers(url, timeout=timeout).items()}
+    answer = response_headers(url, timeout=timeout, headers=auth)
+    headers = {key.lower(): value for key, value in answer.items()}
     commit = headers.get("x-repo-commit")
     if not commit:
         raise ManifestError(f"{url} did not name the commit of revision {hf.revision!r} (no X-Repo-Commit header); "

@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 import pandas as pd
 import torch
 
+from hnclip.evaluate.compositional import evaluate_benchmark
 from hnclip.evaluate.drift import drift_report, fixed_image_sample, measure_drift
 from hnclip.evaluate.hnc import pairwise_accuracy_report, pairwise_correctness, pairwise_scores, read_pair_shards
 from hnclip.evaluate.zeroshot import (
@@ -58,12 +59,13 @@ def _write_result(path, *, model: str, benchmark: str, rows: list[dict], inputs:
 def evaluate_encoder(
     *, model: str, model_name: str, weights, baseline_weights, test_shards: Sequence, zeroshot_root,
     zeroshot_format: str, references: Mapping[str, Paths], outputs: Paths, drift_images: int,
-    batch_size: int, n_boot: int, seed: int, config: dict | None = None,
+    batch_size: int, n_boot: int, seed: int, config: dict | None = None, compositional: Paths | None = None,
 ) -> None:
     """All encoder benchmarks of one model in one job: the model is loaded once.
 
-    ``references`` maps a benchmark (hnc, zeroshot) to {comparison name: per-item Parquet}; ``outputs`` holds
-    hnc, hnc_items, zeroshot, zeroshot_items and drift paths.
+    ``references`` maps a benchmark (hnc, zeroshot, and each compositionality benchmark) to {comparison name:
+    per-item Parquet}; ``outputs`` holds hnc, hnc_items, zeroshot, zeroshot_items and drift paths, and
+    ``<benchmark>`` / ``<benchmark>_items`` for each benchmark of ``compositional`` ({benchmark: item table}).
     """
     device = default_device()
     clip, preprocess, tokenizer = load_clip(model_name, weights, device=device)
@@ -75,9 +77,26 @@ def evaluate_encoder(
     evaluate_zeroshot(clip, preprocess, tokenizer, dataset_root=zeroshot_root, dataset_format=zeroshot_format,
                       references=references["zeroshot"], out_json=outputs["zeroshot"],
                       out_items=outputs["zeroshot_items"], inputs=[weights], **common)
+    for benchmark, items_path in (compositional or {}).items():
+        evaluate_compositional(clip, preprocess, tokenizer, benchmark=benchmark, items_path=items_path,
+                               references=references[benchmark], out_json=outputs[benchmark],
+                               out_items=outputs[f"{benchmark}_items"], inputs=[weights], **common)
     baseline = clip if model == "baseline" else load_clip(model_name, baseline_weights, device=device)[0]
     evaluate_drift(clip, baseline, preprocess, shards=test_shards, n_images=drift_images, out_json=outputs["drift"],
                    inputs=[weights, baseline_weights], **common)
+
+
+def evaluate_compositional(
+    clip, preprocess, tokenizer, *, model: str, benchmark: str, items_path, references: Paths, out_json, out_items,
+    inputs: Sequence, batch_size: int, n_boot: int, seed: int, config: dict | None = None, num_workers: int = 0,
+) -> None:
+    """SugarCrepe, ARO or Winoground: accuracies with intervals and paired tests, whole and without HNC's images."""
+    rows, items = evaluate_benchmark(clip, preprocess, tokenizer, benchmark, items_path, model=model,
+                                     references=references, batch_size=batch_size, n_boot=n_boot, seed=seed,
+                                     num_workers=num_workers)
+    _write_items(items, out_items)
+    _write_result(out_json, model=model, benchmark=benchmark, rows=rows, config=config,
+                  inputs=[*inputs, items_path, *references.values()], seed=seed)
 
 
 def evaluate_hnc(

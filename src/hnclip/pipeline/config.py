@@ -158,6 +158,30 @@ def check_datasets_available(config: dict) -> None:
                           "data_source: download (the synthetic world has no VQA v2 test split)")
 
 
+GATED_BENCHMARKS = {"winoground": "facebook/winoground"}
+
+
+def compositional_benchmarks(config: dict, token: str | None = None) -> tuple[list[str], list[str]]:
+    """The compositionality benchmarks this run evaluates, and a message for each one it skips.
+
+    A gated benchmark needs a Hugging Face token for its download (``token``; default: the user's, from
+    ``HF_TOKEN`` or ``huggingface-cli login``) unless its data is given in ``paths``; without one, a real run skips
+    it rather than failing at the download. The demo writes every benchmark itself.
+    """
+    wanted = list(config["evaluate"]["compositional"])
+    if config["data_source"] == "synth":
+        return wanted, []
+    if token is None:
+        import huggingface_hub
+
+        token = huggingface_hub.get_token()
+    skipped = [b for b in wanted if b in GATED_BENCHMARKS and not token and config["paths"].get(b) is None]
+    messages = [f"{b} skipped: {GATED_BENCHMARKS[b]} is gated on the Hugging Face Hub. To evaluate it, accept its "
+                f"terms at https://huggingface.co/datasets/{GATED_BENCHMARKS[b]}, then set HF_TOKEN (or run "
+                f"`huggingface-cli login`), or point paths.{b} at a copy." for b in skipped]
+    return [b for b in wanted if b not in skipped], messages
+
+
 def validate_config(config: dict, schema: dict | None = None, base_dir: str | os.PathLike = ".") -> dict:
     """Fill defaults, validate against the schema and the path checks; return the completed config."""
     schema = schema if schema is not None else load_schema()

@@ -198,6 +198,54 @@ def type_group_figure(aggregate: pd.DataFrame, partial_note: str | None = None) 
     return figure
 
 
+# --- the compositionality benchmarks --------------------------------------------------------------
+
+# (benchmark, metric, subset, label) of the figure: each benchmark's headline numbers, as its paper reports them.
+COMPOSITIONAL_PANELS = (
+    ("SugarCrepe", (("sugarcrepe", "accuracy", "replace", "replace"), ("sugarcrepe", "accuracy", "swap", "swap"),
+                    ("sugarcrepe", "accuracy", "add", "add"))),
+    ("ARO", (("aro", "macro_accuracy", "vg_relation", "VG-Rel."), ("aro", "macro_accuracy", "vg_attribution", "VG-Att."),
+             ("aro", "accuracy", "coco_order", "COCO-Ord."), ("aro", "accuracy", "flickr30k_order", "Flickr-Ord."))),
+    ("Winoground", (("winoground", "text_score", "all", "text"), ("winoground", "image_score", "all", "image"),
+                    ("winoground", "group_score", "all", "group"))),
+)
+
+
+def compositional_figure(aggregate: pd.DataFrame, partial_note: str | None = None) -> Figure | None:
+    """SugarCrepe, ARO and Winoground side by side: baseline, control and the best HNC cell (mean over seeds,
+    intervals), one panel per benchmark."""
+    panels = [(title, [m for m in measures if not _select(aggregate, *m[:3]).empty]) for title, measures in
+              COMPOSITIONAL_PANELS]
+    panels = [(title, measures) for title, measures in panels if measures]
+    if not panels:
+        return None
+    best = best_setting(aggregate)
+    roles = [("baseline", BASELINE), ("control", _matching_control(aggregate, best)), ("best", best)]
+    roles = [(role, setting) for role, setting in roles if setting is not None]
+    figure = new_figure(DOUBLE_COLUMN_IN, 2.4)
+    axes_list = figure.subplots(1, len(panels), squeeze=False, width_ratios=[len(m) for _, m in panels])[0]
+    width = 0.8 / len(roles)
+    for axes, (title, measures) in zip(axes_list, panels):
+        positions = np.arange(len(measures))
+        for index, (role, setting) in enumerate(roles):
+            rows = [_select(aggregate, *measure[:3]) for measure in measures]
+            rows = [r[r["setting"] == setting] for r in rows]
+            values = np.array([r["value"].iloc[0] * 100 if not r.empty else np.nan for r in rows])
+            lows = np.array([r["ci_low"].iloc[0] * 100 if not r.empty else np.nan for r in rows])
+            highs = np.array([r["ci_high"].iloc[0] * 100 if not r.empty else np.nan for r in rows])
+            errors = np.nan_to_num(np.vstack([values - lows, highs - values]))
+            axes.bar(positions + (index - (len(roles) - 1) / 2) * width, values, width, yerr=errors,
+                     color=ROLE_COLOURS[role], label=_bar_label(role, setting, aggregate) if axes is axes_list[0] else None,
+                     error_kw={"elinewidth": 0.7, "ecolor": "black"})
+        axes.set_xticks(positions, [measure[3] for measure in measures])
+        axes.set_ylim(0, 100)
+        axes.set_title(title)
+    axes_list[0].set_ylabel("accuracy / score (%)")
+    figure.legend(loc="outside lower center", ncols=len(roles))
+    mark_partial(figure, partial_note)
+    return figure
+
+
 # --- trade-off scatter ---------------------------------------------------------------------------
 
 def per_seed_change(summary: pd.DataFrame, benchmark: str, metric: str, subset: str = "all") -> pd.Series | None:
@@ -360,6 +408,7 @@ def write_figures(
         builders = [(spec.stem, lambda spec=spec: heatmap_figure(aggregate, spec, partial_note)) for spec in HEATMAPS]
         builders += [
             ("type_groups", lambda: type_group_figure(aggregate, partial_note)),
+            ("compositional", lambda: compositional_figure(aggregate, partial_note)),
             ("tradeoff", lambda: tradeoff_figure(summary, partial_note)),
             ("training_curves", lambda: training_curves_figure(train_logs, partial_note)),
         ]

@@ -44,3 +44,23 @@ def write_figures_from_summary(
     logs = {cell: path for cell, path in train_logs.items() if Path(path).exists()}
     written = write_figures(summary, logs, out_dir, partial_note=note)
     log.info("wrote %d figure files", len(written))
+
+
+def write_leakage_table(leakage_files: Sequence, out_csv, out_md) -> None:
+    """The overlap of every benchmark with HNC's training images, as CSV and Markdown."""
+    import json
+
+    from hnclip.data.leakage import leakage_table
+    from hnclip.io import write_text
+
+    table = leakage_table(json.loads(Path(path).read_text()) for path in leakage_files)
+    write_text(out_csv, table.to_csv(index=False))
+    lines = ["# Benchmark images HNC trained on", "",
+             "Items whose image is an HNC training image (by VG id, or COCO / Flickr30k id through Visual Genome's "
+             "image_data.json). Every benchmark is also scored without them (subsets `…@no_hnc_overlap`).", "",
+             "| benchmark | part | items | overlapping | share |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r.benchmark} | {r.part} | {r.items} | {r.overlapping_items} | {100 * r.overlap_share:.1f} % |"
+              for r in table.itertuples(index=False)]
+    notes = sorted({n for n in table["note"] if n})
+    write_text(out_md, "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n")
+    log.info("leakage table: %d parts", len(table))

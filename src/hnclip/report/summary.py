@@ -36,7 +36,7 @@ REQUIRED_ROW_FIELDS = ("model", "benchmark", "subset", "metric", "value", "n")
 OPTIONAL_NUMBER_FIELDS = ("ci_low", "ci_high", "delta_vs_baseline", "p_vs_baseline", "delta_vs_control", "p_vs_control")
 
 # Reading order of the thesis; benchmarks not listed sort after these, alphabetically.
-BENCHMARK_ORDER = ("hnc_test", "zeroshot", "drift", "vqav2", "textvqa")
+BENCHMARK_ORDER = ("hnc_test", "zeroshot", "drift", "sugarcrepe", "aro", "winoground", "vqav2", "vqav2_testdev", "textvqa")
 # 'all' first, then HNC's type groups and VQA's answer types in their usual order.
 SUBSET_ORDER = ("all", "attribute", "relation", "counting", "logic", "yes/no", "number", "other")
 

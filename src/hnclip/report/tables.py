@@ -22,7 +22,8 @@ from hnclip.report.summary import SUBSET_ORDER, aggregate_over_seeds, setting_of
 
 log = logging.getLogger(__name__)
 
-PERCENT_METRICS = frozenset({"pairwise_accuracy", "top1", "top5", "accuracy", "exact_match"})
+PERCENT_METRICS = frozenset({"pairwise_accuracy", "top1", "top5", "accuracy", "exact_match", "macro_accuracy",
+                             "text_score", "image_score", "group_score"})
 THREE_DECIMAL_METRICS = frozenset({"cka", "mean_cosine"})
 MISSING = "–"  # en dash: a number that does not exist (baseline's delta, a CI-less metric)
 
@@ -33,9 +34,15 @@ KEY_METRICS: dict[str, tuple[str, ...]] = {
     "drift": ("cka", "mean_cosine"),
     "vqav2": ("accuracy",),
     "textvqa": ("accuracy", "exact_match"),
+    "vqav2_testdev": ("accuracy",),
+    "sugarcrepe": ("accuracy",),
+    "aro": ("macro_accuracy", "accuracy"),  # ARO's own figures: macro for VG-Relation/Attribution, accuracy for order
+    "winoground": ("group_score", "text_score", "image_score"),
 }
-# Subset prefixes too fine for a thesis table (per HNC type, per class, per question type).
-FINE_SUBSET_PREFIXES = ("type:", "class:", "question_type:")
+# Subset prefixes too fine for a thesis table (per HNC type, per class, per question type, per SugarCrepe category,
+# per Winoground tag).
+FINE_SUBSET_PREFIXES = ("type:", "class:", "question_type:", "tag:", "replace_", "swap_", "add_")
+CLEAN_SUFFIX = "@no_hnc_overlap"
 METRIC_LABELS = {
     "pairwise_accuracy": "pairwise acc.", "top1": "top-1", "top5": "top-5", "cka": "CKA",
     "mean_cosine": "mean cosine", "accuracy": "accuracy", "exact_match": "exact match",
@@ -76,7 +83,8 @@ def significance_mark(p_value: float | None) -> str:
 # --- which rows and columns ----------------------------------------------------------------------
 
 def is_coarse_subset(subset: str) -> bool:
-    return not subset.startswith(FINE_SUBSET_PREFIXES)
+    """Coarse enough for a table; a subset scored without HNC's training images is as coarse as its whole."""
+    return not subset.removesuffix(CLEAN_SUFFIX).startswith(FINE_SUBSET_PREFIXES)
 
 
 def _subset_sort_key(subset: str) -> tuple[int, str]:
@@ -87,15 +95,18 @@ def key_columns(summary: pd.DataFrame, benchmark: str) -> list[Column]:
     """The (metric, subset) columns of a benchmark's table that the summary has.
 
     The first key metric gets 'all' and every coarse subset (HNC type groups, VQA answer types); the
-    other key metrics get 'all' only.
+    other key metrics get 'all', and the coarse subsets the first one lacks (ARO: macro accuracy where ARO reports
+    it, accuracy for the order sets).
     """
     rows = summary[summary["benchmark"] == benchmark]
     present = set(zip(rows["metric"], rows["subset"]))
     metrics = KEY_METRICS.get(benchmark) or tuple(sorted(rows["metric"].unique()))
     columns: list[Column] = []
+    covered: set[str] = set()
     for position, metric in enumerate(metrics):
         subsets = sorted({s for m, s in present if m == metric and is_coarse_subset(s)}, key=_subset_sort_key)
-        columns += [(metric, s) for s in subsets if position == 0 or s == "all"]
+        columns += [(metric, s) for s in subsets if position == 0 or s == "all" or s not in covered]
+        covered |= set(subsets)
     return columns
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 import hnclip
+from hnclip.synth.benchmarks import write_compositional_benchmarks
 from hnclip.synth.config import WorldConfig
 from hnclip.synth.language import claim_mentions
 from hnclip.synth.negatives import (
@@ -103,7 +104,10 @@ def _build(root: Path, config: WorldConfig) -> dict:
     vqa_counts, vqa_heldout = _write_vqa(root, config, sampler)
     textvqa_counts, textvqa_heldout = _write_textvqa(root, config, heldout)
     zeroshot_counts = _write_zeroshot(root, config, sampler)
-    counts = {"gqa_hnc": gqa_counts, "vqav2": vqa_counts, "textvqa": textvqa_counts, "zeroshot": zeroshot_counts}
+    hnc_train_ids, _, _ = _gqa_image_ids(config)
+    compositional_counts = write_compositional_benchmarks(root, config, sampler, hnc_train_ids)
+    counts = {"gqa_hnc": gqa_counts, "vqav2": vqa_counts, "textvqa": textvqa_counts, "zeroshot": zeroshot_counts,
+              "compositional": compositional_counts}
     world = {
         "generator": "hnclip.synth",
         "format_version": WORLD_FORMAT_VERSION,
