@@ -536,6 +536,37 @@ def figure_files(stem):
     return [run_path(f"figures/{stem}.{ext}") for ext in ["pdf", "png"]]
 
 
+# ---- what a run downloads ----------------------------------------------------------------------------------------
+def run_raw_keys():
+    """Every raw input this run reads: its datasets, benchmarks and weights, nothing it does not use."""
+    keys = [
+        "gqa_images",
+        "hnc_train",
+        "hnc_val",
+        "hnc_test",
+        "zeroshot",
+        "clip_weights",
+        "llava_base",
+    ]
+    for dataset in VQA_DATASETS:
+        keys += VQA_INPUT_KEYS[dataset]
+    keys += ["vqav2_test_questions"] if SUBMITTED_VQA_DATASETS else []
+    for benchmark in COMPOSITIONAL:
+        keys += COMPOSITIONAL_INPUT_KEYS[benchmark]
+    keys += ["vg_image_data"] if COMPOSITIONAL else []
+    return list(dict.fromkeys(keys))
+
+
+def download_markers():
+    """The download markers of the run's raw inputs that no config path provides."""
+    markers = []
+    for key in run_raw_keys():
+        if config["paths"][key] is None:
+            marker = DOWNLOAD_MARKERS[key]
+            markers += marker if isinstance(marker, list) else [marker]
+    return sorted(set(markers))
+
+
 # ---- targets -----------------------------------------------------------------------------------------------------
 def get_final_output():
     """Every target of a full run."""

@@ -25,4 +25,4 @@ rule download:
 
 rule download_all:
     input:
-        [DOWNLOAD_MARKERS[key] for key in DOWNLOADS if config["paths"][key] is None],
+        download_markers(),

@@ -7,10 +7,11 @@ check live here, so every reader reports bad input the same way.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +66,50 @@ def missing_image_files(
         log.warning("skipping rows of missing image %s (referenced by %s)", path, referenced_by)
         missing.add(path)
     return missing
+
+
+def load_json(path: str | os.PathLike, error: type[DataFormatError] = DataFormatError) -> Any:
+    """``json.load`` of a UTF-8 file; malformed JSON or bad bytes raise ``error`` naming the file and position."""
+    path = Path(path)
+    try:
+        # Decode the whole file at once so a bad byte's position is its offset in the file.
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as problem:
+        raise error(f"{path}: not valid UTF-8 (byte {problem.start}: {problem.reason})") from problem
+    except json.JSONDecodeError as problem:
+        raise error(f"{path}: malformed JSON at line {problem.lineno} column {problem.colno}: {problem.msg}") from problem
+
+
+def record_field(path: Path, record: Any, key: str, what: str, error: type[DataFormatError] = DataFormatError) -> Any:
+    """``record[key]``, or ``error`` naming the file and the record (``what``) that lacks it."""
+    if not isinstance(record, dict) or key not in record:
+        raise error(f"{path}: {what} has no {key!r} field")
+    return record[key]
+
+
+def string_field(path: Path, record: Any, key: str, what: str, error: type[DataFormatError] = DataFormatError) -> str:
+    value = record_field(path, record, key, what, error)
+    if not isinstance(value, str):
+        raise error(f"{path}: {what}: {key!r} must be a string, got {value!r}")
+    return value
+
+
+def rows_with_images(
+    rows: list[dict], *, id_key: str, what: str, referenced_by: str | os.PathLike, on_missing_image: OnMissingImage,
+    error: type[DataFormatError] = DataFormatError,
+) -> tuple[list[dict], set[str]]:
+    """``rows`` (each an ``image_path`` and an ``id_key``) minus those whose image is missing, and the missing
+    images. Ids must be unique; a missing image raises, or (``"skip"``) its rows are dropped and logged."""
+    counts: dict = {}
+    for row in rows:
+        counts[row[id_key]] = counts.get(row[id_key], 0) + 1
+    repeated = [key for key, count in counts.items() if count > 1]
+    if repeated:
+        raise error(f"{referenced_by}: {what} ids appear more than once: {repeated[:5]}")
+    missing = missing_image_files((row["image_path"] for row in rows), referenced_by=referenced_by,
+                                  on_missing_image=on_missing_image)
+    if not missing:
+        return rows, missing
+    kept = [row for row in rows if row["image_path"] not in missing]
+    log.warning("%s: dropped %d %ss of %d missing images", referenced_by, len(rows) - len(kept), what, len(missing))
+    return kept, missing

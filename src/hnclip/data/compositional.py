@@ -61,7 +61,16 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from hnclip.data import DataFormatError, OnMissingImage, check_images_dir, missing_image_files
+from hnclip.data import (
+    DataFormatError,
+    OnMissingImage,
+    check_images_dir,
+    missing_image_files,
+    record_field,
+    rows_with_images,
+    string_field,
+)
+from hnclip.data import load_json as load_data_json
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +91,7 @@ class CompositionalFormatError(DataFormatError):
 
 
 def load_json(path: str | os.PathLike) -> Any:
-    """``json.load`` of a UTF-8 file; malformed JSON or bad bytes become :class:`CompositionalFormatError`."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise CompositionalFormatError(f"{path}: not valid UTF-8 (byte {error.start}: {error.reason})") from error
-    except json.JSONDecodeError as error:
-        raise CompositionalFormatError(
-            f"{path}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}"
-        ) from error
+    return load_data_json(path, CompositionalFormatError)
 
 
 def load_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
@@ -113,16 +113,11 @@ def load_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
 
 
 def _field(path: Path, record: Any, key: str, what: str) -> Any:
-    if not isinstance(record, dict) or key not in record:
-        raise CompositionalFormatError(f"{path}: {what} has no {key!r} field")
-    return record[key]
+    return record_field(path, record, key, what, CompositionalFormatError)
 
 
 def _string(path: Path, record: Any, key: str, what: str) -> str:
-    value = _field(path, record, key, what)
-    if not isinstance(value, str):
-        raise CompositionalFormatError(f"{path}: {what}: {key!r} must be a string, got {value!r}")
-    return value
+    return string_field(path, record, key, what, CompositionalFormatError)
 
 
 def _integer(path: Path, value: Any, what: str, key: str) -> int:
@@ -163,17 +158,9 @@ def _item_frame(
     rows: list[dict], *, referenced_by: Path, on_missing_image: OnMissingImage, dropped: Mapping[str, int] | None = None
 ) -> pd.DataFrame:
     """Rows → an item table (``ITEM_COLUMNS``, ids as nullable Int64), minus the rows of missing images."""
-    ids = Counter(row["item_id"] for row in rows)
-    repeated = [item_id for item_id, count in ids.items() if count > 1]
-    if repeated:
-        raise CompositionalFormatError(f"{referenced_by}: item ids appear more than once: {repeated[:5]}")
-    missing = missing_image_files(
-        (row["image_path"] for row in rows), referenced_by=referenced_by, on_missing_image=on_missing_image
-    )
     n_read = len(rows)
-    if missing:
-        rows = [row for row in rows if row["image_path"] not in missing]
-        log.warning("%s: dropped %d items of %d missing images", referenced_by, n_read - len(rows), len(missing))
+    rows, missing = rows_with_images(rows, id_key="item_id", what="item", referenced_by=referenced_by,
+                                     on_missing_image=on_missing_image, error=CompositionalFormatError)
     data = {column: [row[column] for row in rows] for column in ITEM_COLUMNS}
     for column in ID_COLUMNS:  # straight to Int64: through float64 a None would turn the ids into floats first
         data[column] = pd.array(data[column], dtype="Int64")

@@ -38,7 +38,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hnclip.data import DataFormatError, OnMissingImage, check_images_dir, missing_image_files
+from hnclip.data import (
+    DataFormatError,
+    OnMissingImage,
+    check_images_dir,
+    record_field,
+    rows_with_images,
+    string_field,
+)
+from hnclip.data import load_json as load_data_json
 from hnclip.io import atomic_path
 from hnclip.provenance import provenance
 
@@ -72,36 +80,16 @@ class VQAFormatError(DataFormatError):
     """A VQA v2 / TextVQA / OCR file breaks the documented format; the message names file and question."""
 
 
-# --------------------------------------------------------------------------------------------------------
-# Loading JSON with errors that name the file
-
-
 def load_json(path: str | os.PathLike) -> Any:
-    """``json.load`` of a UTF-8 file; malformed JSON or non-UTF-8 bytes become :class:`VQAFormatError`."""
-    path = Path(path)
-    try:
-        # Decode the whole file at once so a bad byte's position is its offset in the file.
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise VQAFormatError(f"{path}: not valid UTF-8 (byte {error.start}: {error.reason})") from error
-    except json.JSONDecodeError as error:
-        raise VQAFormatError(
-            f"{path}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}"
-        ) from error
+    return load_data_json(path, VQAFormatError)
 
 
 def _field(path: Path, container: Any, key: str, what: str) -> Any:
-    """``container[key]`` or a VQAFormatError naming the file and the record that lacks it."""
-    if not isinstance(container, dict) or key not in container:
-        raise VQAFormatError(f"{path}: {what} has no {key!r} field")
-    return container[key]
+    return record_field(path, container, key, what, VQAFormatError)
 
 
 def _string_field(path: Path, container: Any, key: str, what: str) -> str:
-    value = _field(path, container, key, what)
-    if not isinstance(value, str):
-        raise VQAFormatError(f"{path}: {what}: {key!r} must be a string, got {value!r}")
-    return value
+    return string_field(path, container, key, what, VQAFormatError)
 
 
 def _question_id(path: Path, record: Any, what: str) -> int:
@@ -419,17 +407,9 @@ def read_textvqa(
 
 def _question_frame(rows: list[dict], *, referenced_by: Path, on_missing_image: OnMissingImage) -> pd.DataFrame:
     """Rows → a typed frame (through the Arrow schema, so types are checked), minus missing-image rows."""
-    ids = Counter(row["question_id"] for row in rows)
-    repeated = [qid for qid, count in ids.items() if count > 1]
-    if repeated:
-        raise VQAFormatError(f"{referenced_by}: question ids appear more than once: {repeated[:5]}")
-    missing = missing_image_files(
-        (row["image_path"] for row in rows), referenced_by=referenced_by, on_missing_image=on_missing_image
-    )
     n_read = len(rows)
-    if missing:
-        rows = [row for row in rows if row["image_path"] not in missing]
-        log.warning("%s: dropped %d questions of %d missing images", referenced_by, n_read - len(rows), len(missing))
+    rows, missing = rows_with_images(rows, id_key="question_id", what="question", referenced_by=referenced_by,
+                                     on_missing_image=on_missing_image, error=VQAFormatError)
     try:
         table = pa.Table.from_pylist(rows, schema=QUESTION_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:

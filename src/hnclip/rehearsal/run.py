@@ -131,8 +131,10 @@ def rehearsal_config(settings: RehearsalSettings, paths: dict[str, str], train_i
             "checkpoint_every": settings.steps,
             "image_cache_mb": 0,  # read from disk per batch at every size, as at the real size
         },
+        # The rehearsal world writes no compositionality benchmarks: their item tables are small beside the stages
+        # it measures (SugarCrepe 7,511 items, ARO ~ 75,000 captions, Winoground 400).
         "evaluate": {"batch_size": settings.batch_size, "n_boot": 100, "zeroshot_format": "folder",
-                     "drift_images": 20},
+                     "drift_images": 20, "compositional": []},
         "llava": {"chunks": 1, "batch_size": 4, "max_new_tokens": 4, "dtype": "float32"},
         "resources": {"default": {"threads": threads},
                       "finetune": {**cpu_job, "runtime": 600}, "evaluate": {**cpu_job, "runtime": 600},

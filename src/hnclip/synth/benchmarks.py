@@ -52,6 +52,7 @@ import ijson
 
 from hnclip.synth.config import WorldConfig
 from hnclip.synth.language import Desc, SceneGraphView
+from hnclip.synth.negatives import true_triples
 from hnclip.synth.render import render_scene, save_jpeg
 from hnclip.synth.vocabulary import COLOUR_RGB, COLOURS, RELATIONS, SHAPES, SIZES
 from hnclip.synth.world import (
@@ -277,14 +278,7 @@ class _Facts:
         return Desc(self.shape(oid), self.colour(oid), self.size(oid))
 
     def triples(self) -> list[tuple[str, str, str]]:
-        return [
-            (a, relation, b)
-            for a in self.ids
-            for b in self.ids
-            if a != b
-            for relation in RELATIONS
-            if self.view.related(a, relation, b)
-        ]
+        return true_triples(self.ids, self.view)
 
     def box(self, *oids: str) -> tuple[int, int, int, int]:
         """The union of the objects' boxes: x, y, w, h."""

@@ -94,6 +94,18 @@ class CaptionPair:
     replacement: str
 
 
+def true_triples(ids: Sequence[str], view) -> list[tuple[str, str, str]]:
+    """Every (subject, relation, object) the scene ``view`` makes true, subjects and objects in ``ids`` order."""
+    return [
+        (a, relation, b)
+        for a in ids
+        for b in ids
+        if a != b
+        for relation in RELATIONS
+        if view.related(a, relation, b)
+    ]
+
+
 class PairMaker:
     """Makes caption pairs for one scene graph; ``forbidden`` combinations never appear in a caption."""
 
@@ -176,14 +188,7 @@ class PairMaker:
         return Desc(self.shape(object_id), colour=self.attribute(object_id, "colour"))
 
     def true_triples(self) -> list[tuple[str, str, str]]:
-        return [
-            (a, relation, b)
-            for a in self.ids
-            for b in self.ids
-            if a != b
-            for relation in RELATIONS
-            if self.view.related(a, relation, b)
-        ]
+        return true_triples(self.ids, self.view)
 
     # ------------------------------------------------------------ shared machinery
 
