@@ -829,6 +829,20 @@ def test_snapshot_missing_a_shard_is_an_error(tmp_path, monkeypatch, hub_commits
     assert not (tmp_path / "resources/models/llava/llava/.snapshot.json").exists()
 
 
+def test_a_file_placed_by_hand_is_pinned_once_and_checked_after(tmp_path):
+    entry = {"manual": "Copy it from eval.zip.", "produces": ["raw/textvqa/llava.jsonl"]}
+    manifest = write_manifest(tmp_path / "m.yaml", {"llava_q": entry})
+    resources = tmp_path / "resources"
+    (resources / "raw/textvqa").mkdir(parents=True)
+    (resources / "raw/textvqa/llava.jsonl").write_text("{}\n")
+    fetch_manifest_entry("llava_q", manifest, resources)
+    pin = yaml.safe_load((tmp_path / "m.lock.yaml").read_text())["entries"]["llava_q"]["files"]["raw/textvqa/llava.jsonl"]
+    assert pin == {"size": 3, "sha256": hashlib.sha256(b"{}\n").hexdigest()}
+    (resources / "raw/textvqa/llava.jsonl").write_text('{"x": 1}\n')  # another copy on another machine
+    with pytest.raises(PinnedFileMismatchError, match=r"llava\.jsonl is not the file .*m\.lock\.yaml pins"):
+        fetch_manifest_entry("llava_q", manifest, resources)
+
+
 def test_manual_entry_explains_itself_until_the_file_is_there(tmp_path):
     entry = {"manual": "Copy it from eval.zip.", "produces": ["raw/textvqa/llava.jsonl"]}
     manifest = write_manifest(tmp_path / "m.yaml", {"llava_q": entry})

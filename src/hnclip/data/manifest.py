@@ -376,7 +376,7 @@ def fetch_manifest_entry(
     lock_path = lock_path_for(manifest_path)
     pins = _Pins(lock_path, read_lock(lock_path).get(name))
     if entry.source == "manual":
-        _fetch_manual(entry, outputs)
+        _fetch_manual(entry, resources_dir, outputs, pins)
     elif entry.source == "hf_snapshot":
         _fetch_snapshot(entry, resources_dir, outputs, pins)
     else:
@@ -392,13 +392,23 @@ def _entry_named(entries: dict[str, ManifestEntry], name: str, manifest_path: st
     return entries[name]
 
 
-def _fetch_manual(entry: ManifestEntry, outputs: list[Path]) -> None:
+def _fetch_manual(entry: ManifestEntry, resources_dir: Path, outputs: list[Path], pins: _Pins) -> None:
+    """A file placed by hand: it must be there, and be the file the lock pins (pinned the first time it is seen).
+    A folder of images is checked for presence only: hashing every image at every check would cost more than it
+    protects."""
     missing = _missing_outputs(outputs)
     if missing:
         raise ManualDownloadRequired(
             f"manifest entry {entry.name!r} cannot be downloaded automatically and "
             f"{', '.join(map(str, missing))} is missing. {entry.manual.strip()}"
         )
+    files = {}
+    for rel, path in zip(entry.produces, outputs):
+        if path.is_file():
+            files[rel] = LockedFile(path.stat().st_size, hash_file(path)["sha256"])
+            check_pinned_file(entry.name, path, rel, files[rel], pins.locked, pins.path)
+    if files:
+        record_entry(pins.path, entry.name, LockedEntry(files=files))
 
 
 def _fetch_file(entry: ManifestEntry, resources_dir: Path, outputs: list[Path], pins: _Pins, **options: Any) -> None:
