@@ -38,7 +38,8 @@ OPTIONAL_NUMBER_FIELDS = ("ci_low", "ci_high", "delta_vs_baseline", "p_vs_baseli
 # Reading order of the thesis; benchmarks not listed sort after these, alphabetically.
 BENCHMARK_ORDER = ("hnc_test", "zeroshot", "drift", "sugarcrepe", "aro", "winoground", "vqav2", "vqav2_testdev", "textvqa")
 # 'all' first, then HNC's type groups and VQA's answer types in their usual order.
-SUBSET_ORDER = ("all", "attribute", "relation", "counting", "logic", "yes/no", "number", "other")
+SUBSET_ORDER = ("all", "attribute", "relation", "counting", "logic", "yes/no", "number", "other",
+                "replace", "swap", "add", "vg_relation", "vg_attribution", "coco_order", "flickr30k_order")
 
 
 class ResultFileError(ValueError):

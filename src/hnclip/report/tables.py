@@ -82,13 +82,22 @@ def significance_mark(p_value: float | None) -> str:
 
 # --- which rows and columns ----------------------------------------------------------------------
 
+# The subsets whose score without HNC's training images a table shows beside the whole: 'all', and ARO's parts
+# (ARO has no 'all'). The others are in summary.csv.
+CLEAN_SHOWN = ("all", "vg_relation", "vg_attribution", "coco_order", "flickr30k_order")
+
+
 def is_coarse_subset(subset: str) -> bool:
-    """Coarse enough for a table; a subset scored without HNC's training images is as coarse as its whole."""
-    return not subset.removesuffix(CLEAN_SUFFIX).startswith(FINE_SUBSET_PREFIXES)
+    if subset.endswith(CLEAN_SUFFIX):
+        return subset.removesuffix(CLEAN_SUFFIX) in CLEAN_SHOWN
+    return not subset.startswith(FINE_SUBSET_PREFIXES)
 
 
-def _subset_sort_key(subset: str) -> tuple[int, str]:
-    return (SUBSET_ORDER.index(subset) if subset in SUBSET_ORDER else len(SUBSET_ORDER), subset)
+def _subset_sort_key(subset: str) -> tuple[int, int, str]:
+    """The usual order, each subset's score without HNC's training images right after the whole."""
+    whole = subset.removesuffix(CLEAN_SUFFIX)
+    rank = SUBSET_ORDER.index(whole) if whole in SUBSET_ORDER else len(SUBSET_ORDER)
+    return (rank, subset != whole, whole)
 
 
 def key_columns(summary: pd.DataFrame, benchmark: str) -> list[Column]:
