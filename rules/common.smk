@@ -287,7 +287,25 @@ def finetune_settings(wildcards):
         grad_checkpointing=f["grad_checkpointing"],
         loss="hnc",
         **cell_values(wildcards),
+        **objective_settings(),
     )
+
+
+# The objectives beside the seed's loss, passed only when set: a run that uses none keeps the params (and so the
+# results) it had before they existed.
+OBJECTIVE_DEFAULTS = {
+    "alpha_ramp_steps": 0,
+    "l2_sp_weight": 0,
+    "train_last_n": None,
+    "freeze_projections": False,
+}
+
+
+def objective_settings():
+    f = config["finetune"]
+    return {
+        key: f[key] for key, default in OBJECTIVE_DEFAULTS.items() if f[key] != default
+    }
 
 
 LLAVA_TRAINING_KEYS = (

@@ -218,3 +218,61 @@ def test_encoding_captions_at_their_own_length_equals_encode_text():
     torch.testing.assert_close(trimmed, expected, rtol=0, atol=1e-12)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=0, atol=1e-12, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trainable parts and the objectives beside the seed's loss
+
+def _trained(shard, tmp_path, steps: int = 4, **settings) -> tuple[dict, dict, list[dict]]:
+    """Weights before and after ``steps`` steps of an in-process run, and the step records."""
+    from hnclip.models import create_clip
+    from hnclip.train.data import read_shards
+
+    torch.manual_seed(0)
+    clip, preprocess, tokenizer = create_clip("hnclip-tiny")
+    before = {name: p.detach().clone() for name, p in clip.named_parameters()}
+    trainer = Trainer(TrainSettings(**_settings(steps=steps, val_every=100, **settings)), clip, tokenizer, preprocess,
+                      read_shards([shard]), None, tmp_path / "state", num_workers=0)
+    trainer.setup()
+    records = [trainer.step(step) for step in range(steps)]
+    trainer.close_stream()
+    return before, {name: p.detach().clone() for name, p in clip.named_parameters()}, records
+
+
+def test_last_n_blocks_and_frozen_projections_leave_every_other_weight_bit_identical(shard, tmp_path):
+    before, after, _ = _trained(shard, tmp_path, train_last_n=1, freeze_projections=True)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    last_vision = max(int(n.split(".")[3]) for n in before if n.startswith("visual.transformer.resblocks."))
+    last_text = max(int(n.split(".")[2]) for n in before if n.startswith("transformer.resblocks."))
+    allowed = (f"visual.transformer.resblocks.{last_vision}.", f"transformer.resblocks.{last_text}.", "visual.ln_post",
+               "ln_final")
+    assert changed and all(name.startswith(allowed) for name in changed), sorted(changed)
+    assert torch.equal(before["visual.proj"], after["visual.proj"])
+    assert torch.equal(before["text_projection"], after["text_projection"])
+
+
+def test_last_n_of_one_warns_that_llava_reads_the_layer_below(caplog):
+    from hnclip.models import create_clip
+
+    model, _, _ = create_clip("hnclip-tiny")
+    with caplog.at_level("WARNING"):
+        trainable_parameters(model, "both", last_n=1)
+    assert "LLaVA never reads" in caplog.text
+    with pytest.raises(ValueError, match="train_last_n must be between 1 and"):
+        trainable_parameters(model, "both", last_n=99)
+
+
+def test_l2_sp_keeps_the_weights_nearer_their_start_and_is_logged_apart(shard, tmp_path):
+    def distance(before, after):
+        return sum(float((after[n] - before[n]).pow(2).sum()) for n in before if not n.startswith("logit_"))
+
+    plain_before, plain_after, plain = _trained(shard, tmp_path / "plain")
+    held_before, held_after, held = _trained(shard, tmp_path / "held", l2_sp_weight=100.0)
+    assert distance(held_before, held_after) < distance(plain_before, plain_after)
+    assert all(r["l2_sp"] == "" for r in plain) and all(isinstance(r["l2_sp"], float) for r in held)
+    assert held[0]["l2_sp"] == 0.0 and held[-1]["l2_sp"] > 0  # zero at the start, then the distance grows
+
+
+def test_alpha_ramps_over_the_first_steps(shard, tmp_path):
+    _, _, records = _trained(shard, tmp_path, steps=4, alpha=2.0, alpha_ramp_steps=4)
+    assert [r["alpha"] for r in records] == [0.5, 1.0, 1.5, 2.0]

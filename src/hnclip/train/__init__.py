@@ -72,6 +72,7 @@ def run_training(
         provenance(
             config, seed=settings.seed, inputs=[*train_shards, *val_shards, *([init_weights] if init_weights else [])],
             checksum_inputs=True, input_digests=input_digests, settings=settings.__dict__, model_name=model_name,
+            trained_parameters=sum(p.numel() for p in trainer.parameters),
         ),
     )
     log.info("wrote %s", out_weights)

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import logging
 import math
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from hnclip.io import atomic_path
 from hnclip.loader import ImageFiles, default_loader_workers, image_batches
 from hnclip.losses import hard_negative_accuracy, hnc_contrastive_loss, plain_clip_loss
+from hnclip.regularisers import alpha_at_step, l2_sp
 from hnclip.train import distributed
 from hnclip.train.checkpoint import load_state, save_state
 from hnclip.train.data import (
@@ -35,7 +37,7 @@ from hnclip.train.text import encode_text_by_length
 log = logging.getLogger(__name__)
 
 LOG_COLUMNS = [
-    "step", "epoch", "loss", "image_to_text", "text_to_image", "lr", "samples_per_s",
+    "step", "epoch", "loss", "image_to_text", "text_to_image", "l2_sp", "alpha", "lr", "samples_per_s",
     "hard_negative_accuracy", "val_pairwise_accuracy",
 ]
 
@@ -69,6 +71,11 @@ class TrainSettings:
     # rows per micro-batch (None: the whole batch at once); the loss and gradient stay the whole batch's (GradCache)
     micro_batch_size: int | None = None
     grad_checkpointing: bool = False  # recompute each block's activations in backward: memory for compute
+    # Objectives beside the seed's loss (hnclip.regularisers); the defaults leave the seed's training as it was.
+    alpha_ramp_steps: int = 0  # alpha rises linearly over the first K steps (0: alpha from the start)
+    l2_sp_weight: float = 0.0  # weight of the squared distance of the trainable parameters to their initial values
+    train_last_n: int | None = None  # train only the last N blocks of each trained tower (and what follows them)
+    freeze_projections: bool = False  # keep the towers' output projections as they are
 
 
 def learning_rate(step: int, settings: TrainSettings) -> float:
@@ -79,14 +86,52 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
     return 0.5 * settings.lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def trainable_parameters(model: torch.nn.Module, towers: str) -> list[torch.nn.Parameter]:
-    """Freeze what must not train: the temperature always (tau is fixed per cell), the text tower if asked."""
+# open_clip's parameter names: each tower's blocks, and the projections that map a tower's output to the joint space.
+VISION_BLOCK = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.")
+TEXT_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.")
+PROJECTIONS = ("visual.proj", "text_projection")
+
+
+def _block_counts(names: list[str]) -> dict[str, int]:
+    counts = {"vision": 0, "text": 0}
+    for name in names:
+        for tower, pattern in (("vision", VISION_BLOCK), ("text", TEXT_BLOCK)):
+            if match := pattern.match(name):
+                counts[tower] = max(counts[tower], int(match.group(1)) + 1)
+    return counts
+
+
+def _before_last_blocks(name: str, counts: dict[str, int], last_n: int) -> bool:
+    """Whether ``name`` lies before its tower's last ``last_n`` blocks (embeddings and earlier blocks)."""
+    for tower, pattern in (("vision", VISION_BLOCK), ("text", TEXT_BLOCK)):
+        if match := pattern.match(name):
+            return int(match.group(1)) < counts[tower] - last_n
+    stem = ("visual.conv1", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre",
+            "token_embedding", "positional_embedding")
+    return name.startswith(stem)
+
+
+def trainable_parameters(
+    model: torch.nn.Module, towers: str, *, last_n: int | None = None, freeze_projections: bool = False,
+) -> list[torch.nn.Parameter]:
+    """Freeze what must not train: the temperature always (tau is fixed per cell), the text tower if asked, with
+    ``last_n`` everything before each trained tower's last N blocks, with ``freeze_projections`` the projections."""
+    names = [name for name, _ in model.named_parameters()]
+    counts = _block_counts(names)
+    if last_n is not None and not 1 <= last_n <= min(c for c in counts.values() if c):
+        raise ValueError(f"train_last_n must be between 1 and the towers' block count {counts}, got {last_n}")
+    if last_n == 1 and towers in ("both", "vision"):
+        log.warning("train_last_n = 1 trains only the vision tower's last block, whose output LLaVA never reads (it "
+                    "takes the penultimate layer): the LLaVA evaluation will see the baseline's features")
     selected = []
     for name, parameter in model.named_parameters():
-        is_scale = name.startswith("logit_")
-        is_vision = name.startswith("visual.")
-        parameter.requires_grad_(not is_scale and (towers == "both" or is_vision))
-        if parameter.requires_grad:
+        trained = not name.startswith("logit_") and (towers == "both" or name.startswith("visual."))
+        if last_n is not None and _before_last_blocks(name, counts, last_n):
+            trained = False
+        if freeze_projections and name in PROJECTIONS:
+            trained = False
+        parameter.requires_grad_(trained)
+        if trained:
             selected.append(parameter)
     return selected
 
@@ -121,6 +166,8 @@ class Trainer:
         self.rank, self.world_size = distributed.rank_and_world()
         self.num_workers = default_loader_workers(self.device) if num_workers is None else num_workers
         self.image_cache_bytes = image_cache_bytes
+        self._alpha = settings.alpha  # the hard-negative weight of the current step (alpha_ramp_steps)
+        self._initial: list[torch.Tensor] | None = None  # L2-SP's anchor, set up by setup()
         self._stop_signal: int | None = None
         self._stream: Iterator[Batch] | None = None
         self._stream_step: int | None = None  # the step the open stream yields next
@@ -130,7 +177,11 @@ class Trainer:
         """Build data, optimizer and (when a state exists) resume; returns the first step to run."""
         torch.manual_seed(self.settings.seed)
         self._setup_data()
-        self.parameters = trainable_parameters(self.model, self.settings.train_towers)
+        s = self.settings
+        self.parameters = trainable_parameters(self.model, s.train_towers, last_n=s.train_last_n,
+                                               freeze_projections=s.freeze_projections)
+        # L2-SP's anchor: the weights the run starts from, taken before a resume loads later ones
+        self._initial = [p.detach().clone() for p in self.parameters] if s.l2_sp_weight > 0 else None
         if self.settings.grad_checkpointing:
             set_activation_checkpointing(self.model)
         # the fused kernel: 5x faster than the per-tensor loop on the CPU, and on CUDA too
@@ -218,7 +269,9 @@ class Trainer:
             group["lr"] = lr
         batch = self._batch(step)
         self.optimizer.zero_grad(set_to_none=True)
+        self._alpha = alpha_at_step(s.alpha, step + 1, ramp_steps=s.alpha_ramp_steps)
         loss, parts, features = self._forward_backward(batch)
+        penalty = self._l2_sp_backward()
         distributed.average_gradients(self.parameters)
         torch.nn.utils.clip_grad_norm_(self.parameters, s.grad_clip)
         self.optimizer.step()
@@ -226,9 +279,11 @@ class Trainer:
         return {
             "step": step + 1,
             "epoch": self.batches.plan.epoch_of(step),
-            "loss": float(loss.detach()),
+            "loss": float(loss.detach()) + (penalty or 0.0),
             "image_to_text": float(parts["image_to_text"].detach()),
             "text_to_image": float(parts["text_to_image"].detach()),
+            "l2_sp": "" if penalty is None else penalty,
+            "alpha": self._alpha if s.loss == "hnc" else "",
             "lr": lr,
             "samples_per_s": s.batch_size / elapsed,
             "hard_negative_accuracy": self._hard_negative_accuracy(features),
@@ -255,6 +310,14 @@ class Trainer:
             loss_from_features=self._loss, micro_batch_size=s.micro_batch_size, forward_context=self._autocast,
         )
         return result.loss, result.parts, result.features
+
+    def _l2_sp_backward(self) -> float | None:
+        """Add L2-SP's gradient to the step's (weighted); returns the weighted penalty, None when it is off."""
+        if self._initial is None:
+            return None
+        penalty = self.settings.l2_sp_weight * l2_sp(self.parameters, self._initial)
+        penalty.backward()
+        return float(penalty.detach())
 
     @property
     def _uses_hard_negatives(self) -> bool:
@@ -324,10 +387,10 @@ class Trainer:
         return float(hard_negative_accuracy(features["image"], features["text"], features["hard"]))
 
     def _loss(self, f: dict) -> tuple[torch.Tensor, dict]:
-        s, common = self.settings, dict(tau=self.settings.tau, image_ids=f["ids"], return_parts=True)
+        common = dict(tau=self.settings.tau, image_ids=f["ids"], return_parts=True)
         if f["hard"] is not None:
             parts = hnc_contrastive_loss(
-                f["image"], f["text"], f["hard"], alpha=s.alpha, extra_negative_features=f["extra"], **common
+                f["image"], f["text"], f["hard"], alpha=self._alpha, extra_negative_features=f["extra"], **common
             )
         elif f["extra"] is not None:  # alpha = 0 with random negatives, which weigh 1 like in-batch negatives
             parts = hnc_contrastive_loss(f["image"], f["text"], f["extra"], alpha=1.0, **common)
