@@ -489,12 +489,11 @@ def vqa_outputs(models=None):
 
 def imported_scores():
     """EvalAI scores brought back with `python -m hnclip.llava.submission import-score` (read when present)."""
-    return [
-        path
-        for m in MODELS
-        for d in SUBMITTED_VQA_DATASETS
-        if Path(path := run_path(f"vqa/{m}/{d}/evalai_scores.json")).exists()
-    ]
+    if not SUBMITTED_VQA_DATASETS:
+        return []
+    from hnclip.llava.submission import imported_score_files
+
+    return imported_score_files(p for p in vqa_outputs() if p.endswith("submission.json"))
 
 
 def llava_train_paths(dataset):

@@ -724,6 +724,11 @@ def macro_accuracy(
     return float(kept["accuracy"].mean())
 
 
+def subset_part(subset: str) -> str:
+    """The part an item's subset belongs to: "vg_relation" of "vg_relation:on", a SugarCrepe category as it is."""
+    return subset.split(":", 1)[0]
+
+
 def aro_macro_accuracy(correct: Sequence[bool] | np.ndarray, subsets: Sequence[str]) -> dict[str, float]:
     """ARO's VG-Relation and VG-Attribution macro accuracies from item subsets "<part>:<group>".
 
@@ -732,7 +737,7 @@ def aro_macro_accuracy(correct: Sequence[bool] | np.ndarray, subsets: Sequence[s
     no items is absent from the result.
     """
     correct = np.asarray(correct, dtype=bool)
-    parts = np.array([subset.split(":", 1)[0] for subset in subsets], dtype=object)
+    parts = np.array([subset_part(subset) for subset in subsets], dtype=object)
     names = [subset.split(":", 1)[-1] for subset in subsets]
     rules = {VG_RELATION: {"exclude": ARO_VG_RELATION_EXCLUDED, "min_count": 1},
              VG_ATTRIBUTION: {"exclude": (), "min_count": ARO_VG_ATTRIBUTION_MIN_COUNT}}

@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 ROUTES = ("vg_id", "coco_id", "flickr_id")
+# The subsets scored without the items whose image HNC trained on: "<subset>@no_hnc_overlap".
+CLEAN_SUFFIX = "@no_hnc_overlap"
 
 
 def hnc_training_vg_ids(train_shards: Sequence[str | os.PathLike]) -> set[int]:
@@ -49,7 +51,9 @@ def overlap_routes(items: pd.DataFrame, vg_images: pd.DataFrame, training_vg_ids
 
 def leakage_report(benchmark: str, items: pd.DataFrame, routes: pd.DataFrame, *, note: str = "") -> dict:
     """Counts for the leakage table: items and images overall, overlapping ones by route and per subset part."""
-    parts = items["subset"].astype(str).str.split(":", n=1).str[0]
+    from hnclip.data.compositional import subset_part
+
+    parts = items["subset"].astype(str).map(subset_part)
     report = {
         "benchmark": benchmark,
         "items": len(items),

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from hnclip.data.vqa import VQAV2_TESTDEV, read_question_ids
-from hnclip.io import write_json
+from hnclip.io import atomic_path, write_json
 from hnclip.llava.metrics import normalize_textvqa_answer as evalai_answer
 from hnclip.llava.predictions import gather_chunks
 from hnclip.provenance import provenance, sha256_file
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 EVALAI_CHALLENGE_URL = "https://eval.ai/web/challenges/challenge-page/830/overview"
 EVALAI_PHASE = "test-dev"
-SUBMISSION_FILE = "submission.json"
+INFO_FILE = "submission_info.json"  # beside the submission: counts, its sha256, provenance
 IMPORTED_SCORES_FILE = "evalai_scores.json"
 # EvalAI's answer types, as its result shows them → the results table's VQA subsets.
 EVALAI_SUBSETS = {"overall": "all", "yes/no": "yes/no", "number": "number", "other": "other"}
@@ -77,8 +77,8 @@ def write_submission(
     predictions = _read_predictions(out_predictions)
     all_ids = read_question_ids(test_questions_json)
     records, n_empty = submission_records(predictions, all_ids)
-    with open(out_submission, "w", encoding="utf-8") as handle:  # one JSON array: what the server accepts
-        json.dump(records, handle)
+    with atomic_path(out_submission) as tmp:  # one JSON array: what the server accepts
+        tmp.write_text(json.dumps(records), encoding="utf-8")
     info = {
         "model": model, "benchmark": VQAV2_TESTDEV, "answered": len(predictions), "test2015_questions": len(all_ids),
         "empty_answers": n_empty, "upload_to": EVALAI_CHALLENGE_URL, "phase": EVALAI_PHASE,
@@ -119,7 +119,7 @@ def import_evalai_result(submission: str | os.PathLike, result_json: str | os.Pa
                          phase: str = EVALAI_PHASE) -> Path:
     """Write ``evalai_scores.json`` beside ``submission`` from the result EvalAI returned for it."""
     submission, result_path = Path(submission), Path(result_json)
-    info_path = submission.with_name("submission_info.json")
+    info_path = submission.with_name(INFO_FILE)
     if not info_path.exists():
         raise SubmissionError(f"{info_path} is missing: import a score beside the submission the workflow wrote")
     info = json.loads(info_path.read_text())

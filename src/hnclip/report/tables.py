@@ -18,6 +18,7 @@ import pandas as pd
 
 from hnclip.pipeline.grid import BASELINE
 from hnclip.io import atomic_path, write_text
+from hnclip.data.leakage import CLEAN_SUFFIX
 from hnclip.report.summary import SUBSET_ORDER, aggregate_over_seeds, setting_of
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ KEY_METRICS: dict[str, tuple[str, ...]] = {
 # Subset prefixes too fine for a thesis table (per HNC type, per class, per question type, per SugarCrepe category,
 # per Winoground tag).
 FINE_SUBSET_PREFIXES = ("type:", "class:", "question_type:", "tag:", "replace_", "swap_", "add_")
-CLEAN_SUFFIX = "@no_hnc_overlap"
 METRIC_LABELS = {
     "pairwise_accuracy": "pairwise acc.", "top1": "top-1", "top5": "top-5", "cka": "CKA",
     "mean_cosine": "mean cosine", "accuracy": "accuracy", "exact_match": "exact match",
