@@ -493,7 +493,9 @@ def imported_scores():
         return []
     from hnclip.llava.submission import imported_score_files
 
-    return imported_score_files(p for p in vqa_outputs() if p.endswith("submission.json"))
+    return imported_score_files(
+        p for p in vqa_outputs() if p.endswith("submission.json")
+    )
 
 
 def llava_train_paths(dataset):

@@ -128,19 +128,23 @@ def _wait_for_state_step(state_dir: Path, at_least: int, proc: subprocess.Popen,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loader, kill_after", [(None, 4), ({"num_workers": 2, "image_cache_bytes": 0}, 7)],
-                         ids=["in-process", "workers"])
-def test_killed_and_resumed_run_ends_with_bit_identical_weights(shard, tmp_path, loader, kill_after):
-    """With loader workers streaming the images from disk too: the straight run reads in its own process."""
-    straight = _train(_spec(shard, tmp_path / "straight"))
+@pytest.mark.parametrize(
+    "loader, kill_after, objectives",
+    [(None, 4, {}), ({"num_workers": 2, "image_cache_bytes": 0}, 7, {}),
+     (None, 5, {"l2_sp_weight": 1.0, "alpha_ramp_steps": 8})],
+    ids=["in-process", "workers", "l2-sp-and-alpha-ramp"])
+def test_killed_and_resumed_run_ends_with_bit_identical_weights(shard, tmp_path, loader, kill_after, objectives):
+    """With loader workers streaming the images from disk too: the straight run reads in its own process. With
+    L2-SP the resumed run must still measure the distance to the weights the run started from, not the resumed ones."""
+    straight = _train(_spec(shard, tmp_path / "straight", **objectives))
     interrupted = tmp_path / "interrupted"
-    proc = _train(_spec(shard, interrupted, loader=loader))
+    proc = _train(_spec(shard, interrupted, loader=loader, **objectives))
     # a hard kill (no chance to save) once a checkpointed step is reached; the rerun continues from the last state
     _wait_for_state_step(interrupted / "state", kill_after, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (interrupted / "model.safetensors").exists()
-    resumed = _train(_spec(shard, interrupted, loader=loader))
+    resumed = _train(_spec(shard, interrupted, loader=loader, **objectives))
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
     output = resumed.stdout.read()
     assert "resuming from" in output
@@ -154,6 +158,9 @@ def test_killed_and_resumed_run_ends_with_bit_identical_weights(shard, tmp_path,
     log = pd.read_csv(interrupted / "train_log.csv")
     assert log["step"].tolist() == list(range(1, 13))  # no duplicated or missing rows after the resume
     assert log["val_pairwise_accuracy"].notna().sum() == 2
+    straight_log = pd.read_csv(tmp_path / "straight/train_log.csv")
+    for column in ("l2_sp", "alpha"):  # the objectives' own log columns continue as if never interrupted
+        pd.testing.assert_series_equal(log[column], straight_log[column])
 
 
 @pytest.mark.slow
