@@ -80,6 +80,19 @@ def test_adding_vqav2_testdev_plans_its_download_inference_and_submission(tmp_pa
     assert "vqa/baseline/vqav2_testdev/submission.json" in output
 
 
+def test_an_imported_evalai_score_becomes_an_input_of_the_summary(tmp_path):
+    """What a user does after uploading: import the score, rerun; the summary then reads it (and only then)."""
+    with_testdev = ["--config", 'llava={"datasets": ["vqav2", "textvqa", "vqav2_testdev"], "chunks": 1}']
+    imported = tmp_path / "results/thesis/vqa/baseline/vqav2_testdev/evalai_scores.json"
+    plan = run_snakemake("-n", "summary", "--directory", str(tmp_path), *THESIS, *with_testdev).stdout
+    assert "evalai_scores.json" not in plan
+    imported.parent.mkdir(parents=True)
+    imported.write_text("{}")
+    plan = run_snakemake("-n", "summary", "--directory", str(tmp_path), *THESIS, *with_testdev).stdout
+    summary_inputs = plan.split("\nrule summary:", 1)[1].split("\n    output:", 1)[0]
+    assert "results/thesis/vqa/baseline/vqav2_testdev/evalai_scores.json" in summary_inputs
+
+
 def test_vqav2_testdev_in_the_demo_is_a_config_error_naming_the_key(tmp_path):
     result = run_snakemake("-n", "--directory", str(tmp_path), *DEMO,
                            "--config", 'llava={"datasets": ["vqav2_testdev"]}', check=False)
