@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 ImageIds = Union[torch.Tensor, Sequence[Union[str, int]]]
 
-__all__ = ["hnc_contrastive_loss", "plain_clip_loss", "hard_negative_accuracy"]
+__all__ = ["hnc_contrastive_loss", "plain_clip_loss", "caption_similarities", "hard_negative_accuracy"]
 
 
 def hnc_contrastive_loss(
@@ -102,6 +102,32 @@ def plain_clip_loss(
         in_batch = _mask_same_image_pairs((v @ u.T) * scale, image_ids, n)
         image_to_text, text_to_image = _symmetric_infonce(in_batch, [])
     return _assemble(image_to_text, text_to_image, return_parts)
+
+
+def caption_similarities(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    hard_negative_features: torch.Tensor | None = None,
+    extra_negative_features: torch.Tensor | None = None,
+    *,
+    image_ids: ImageIds | None = None,
+) -> torch.Tensor:
+    """Cosine similarity of each image to every caption its image->text loss ranks: [N, N + K + M].
+
+    Columns: the batch's N positives (another row of the same image masked to -inf, as in the loss), then the
+    image's own K hard and M extra negatives. The distribution that distillation matches (``hnclip.regularisers``).
+    """
+    n, dim = _check_image_and_text(image_features, text_features)
+    features = [image_features, text_features]
+    for name, group in (("hard_negative_features", hard_negative_features),
+                        ("extra_negative_features", extra_negative_features)):
+        if group is not None:
+            _check_per_image_captions(group, name, n, dim, min_count=0)
+            features.append(group)
+    with _autocast_disabled(image_features.device.type):
+        v, u, *own = _unit_vectors(features)
+        in_batch = _mask_same_image_pairs(v @ u.T, image_ids, n)
+        return torch.cat([in_batch, *(_own_caption_logits(v, group) for group in own)], dim=1)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ rehearsal's tests measure memory against image counts with it, at a fraction of 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -69,3 +70,71 @@ def load_clip(model_name: str, weights: str | os.PathLike, device: str | torch.d
     model, preprocess, tokenizer = create_clip(model_name, pretrained=None, device=device)
     load_clip_weights(model, weights)
     return model.eval(), preprocess, tokenizer
+
+
+# --- the penultimate layer, what LLaVA reads ------------------------------------------------------------------------
+
+class _CapturedInput(Exception):
+    """Raised by the hook to stop the forward pass once the penultimate tokens are captured."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        super().__init__("penultimate tokens captured")
+        self.tokens = tokens
+
+
+def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    # open_clip's Transformer calls each block as block(x, attn_mask=...) (through checkpoint(block, x, ...) with
+    # activation checkpointing): x is the first positional argument (named q_x in the block's signature).
+    return args[0] if args else kwargs["q_x"]
+
+
+def _patch_tokens(visual: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    # open_clip 3.x runs blocks batch-first (N, L, D) unless the transformer was built otherwise.
+    if not getattr(visual.transformer, "batch_first", True):
+        tokens = tokens.transpose(0, 1)
+    patches = math.prod(visual.grid_size)
+    return tokens[:, tokens.shape[1] - patches:, :]  # prefix tokens (CLS) come first
+
+
+def penultimate_patch_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """B × patches × width: the input of the vision tower's last residual block, CLS token dropped.
+
+    This is HF's ``hidden_states[-2]`` with ``vision_feature_select_strategy="default"``, LLaVA's input.
+    Captured with a forward pre-hook on ``model.visual.transformer.resblocks[-1]``; the rest of the
+    forward pass (last block, pooling, projection) is skipped. Call under ``evaluation_mode``.
+    """
+    visual = model.visual
+
+    def stop_with_block_input(_module, args, kwargs):
+        raise _CapturedInput(_block_input(args, kwargs))
+
+    handle = visual.transformer.resblocks[-1].register_forward_pre_hook(stop_with_block_input, with_kwargs=True)
+    try:
+        visual(images)
+    except _CapturedInput as captured:
+        tokens = captured.tokens
+    else:
+        raise RuntimeError("the last vision block never ran: cannot capture penultimate tokens")
+    finally:
+        handle.remove()
+    return _patch_tokens(visual, tokens)
+
+
+def encode_image_with_patches(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model.encode_image(images)`` and the penultimate patch tokens of the same forward pass (with their graph
+    when gradients are on): what the training's feature anchor compares with the frozen baseline's."""
+    visual = model.visual
+    captured: list[torch.Tensor] = []
+
+    def keep_block_input(_module, args, kwargs):
+        if not captured:  # activation checkpointing calls the block again in backward: keep the forward's input
+            captured.append(_block_input(args, kwargs))
+
+    handle = visual.transformer.resblocks[-1].register_forward_pre_hook(keep_block_input, with_kwargs=True)
+    try:
+        features = model.encode_image(images)
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError("the last vision block never ran: cannot capture penultimate tokens")
+    return features, _patch_tokens(visual, captured[0])

@@ -5,8 +5,9 @@ With s the cosine similarity, tau the temperature, theta the trainable parameter
 
     L2-SP           sum_p ||theta_p - theta_0,p||^2                                  (over trainable parameters)
     distillation    mean_i KL( softmax(t_i / tau) || softmax(z_i / tau) )
-                    z_i, t_i: the student's and the frozen baseline's similarities of image i to the captions it is
-                    scored against (its positive first, then its hard negatives)
+                    z_i, t_i: the student's and the frozen baseline's similarities of image i to the captions its
+                    image->text loss ranks (the batch's positives, its hard and extra negatives); a caption masked out
+                    of the loss (-inf, another row of the same image) is out of both distributions
     feature anchor  mean over images, patches and channels of (f_student - f_baseline)^2
                     f: penultimate-layer patch features, what LLaVA's projector reads
     preference      mean_i -log sigmoid( beta [ (s(v_i, u_i) - s(v_i, h_i)) - (s0(v_i, u_i) - s0(v_i, h_i)) ] )
@@ -52,17 +53,21 @@ def l2_sp(parameters: Iterable[torch.nn.Parameter], initial: Iterable[torch.Tens
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: float) -> torch.Tensor:
     """KL from the frozen teacher's image->text distribution to the student's, averaged over images.
 
-    Both are [N, C] similarities of each image to its C captions (positive and hard negatives); the teacher's
-    carry no gradient.
+    Both are [N, C] similarities of each image to its C captions (``hnclip.losses.caption_similarities``); the
+    teacher's carry no gradient. Entries that are -inf (masked captions) must be the same in both and are left out.
     """
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(f"student and teacher logits must both be [N, C], got {tuple(student_logits.shape)} and "
                          f"{tuple(teacher_logits.shape)}")
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
-    log_student = F.log_softmax(_at_least_float32(student_logits) / tau, dim=1)
-    log_teacher = F.log_softmax(_at_least_float32(teacher_logits.detach()) / tau, dim=1)
-    return (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1).mean()
+    masked = torch.isneginf(teacher_logits)
+    if not torch.equal(masked, torch.isneginf(student_logits)):
+        raise ValueError("student and teacher logits mask (-inf) different captions")
+    log_student = F.log_softmax(_at_least_float32(student_logits) / tau, dim=1).masked_fill(masked, 0.0)
+    log_teacher = F.log_softmax(_at_least_float32(teacher_logits.detach()) / tau, dim=1).masked_fill(masked, 0.0)
+    teacher = log_teacher.exp().masked_fill(masked, 0.0)
+    return (teacher * (log_teacher - log_student)).sum(dim=1).mean()
 
 
 def feature_anchor(student_features: torch.Tensor, baseline_features: torch.Tensor) -> torch.Tensor:

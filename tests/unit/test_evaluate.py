@@ -453,3 +453,21 @@ def test_fixed_image_sample_ignores_input_order():
     assert sample == drift.fixed_image_sample(list(reversed(names)), 5, seed=2)
     assert len(set(sample)) == 5 and sample == sorted(sample)
     assert drift.fixed_image_sample(names[:3], 5) == sorted(names[:3])
+
+
+def test_the_image_features_and_penultimate_patches_of_one_forward_pass_equal_their_separate_computations():
+    from hnclip.models import create_clip, encode_image_with_patches, penultimate_patch_tokens
+
+    torch.manual_seed(0)
+    model, _, _ = create_clip("hnclip-tiny")
+    model.eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():  # under no_grad, in eval mode, attention takes PyTorch's fused path: compare like with like
+        features, patches = encode_image_with_patches(model, images)
+        assert torch.equal(features, model.encode_image(images))
+        assert torch.equal(patches, penultimate_patch_tokens(model, images))
+    model.set_grad_checkpointing(True)
+    model.train()
+    features, patches = encode_image_with_patches(model, images.requires_grad_())
+    (features.sum() + patches.sum()).backward()  # the recompute in backward must not replace the captured tokens
+    assert patches.shape == (3, 16, model.visual.transformer.width) and images.grad is not None

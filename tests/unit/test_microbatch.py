@@ -165,6 +165,35 @@ def test_micro_batches_give_the_whole_batch_loss_and_gradients(tiny, model, alph
     assert all(p.grad is None or p.grad.grad_fn is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("micro_batch_size", [1, 4, 6])
+def test_an_image_penalty_joins_the_whole_batch_gradient(tiny, model, micro_batch_size):
+    """The feature anchor's shape: a mean over rows of each image's penultimate patches against fixed ones."""
+    from hnclip.models import encode_image_with_patches
+    from hnclip.regularisers import feature_anchor
+
+    rows = _rows(tiny[1], k=2, m=1, alpha=2.0, repeated_ids=False)
+    with torch.no_grad():
+        reference = encode_image_with_patches(model, rows.images + 0.5)[1]  # what the rows are pulled towards
+    weight = 3.0
+    _, _, contrastive_only = _whole_batch(model, rows, 2.0)
+    model.zero_grad(set_to_none=True)
+    _, patches = encode_image_with_patches(model, rows.images)
+    whole_penalty = weight * feature_anchor(patches, reference)
+    whole_penalty.backward()
+    penalty_only = _gradients(model)
+    expected = {name: g + penalty_only.get(name, torch.zeros_like(g)) for name, g in contrastive_only.items()}
+
+    def share(side, micro_rows):
+        return weight * feature_anchor(side, reference[micro_rows]) * (side.shape[0] / ROWS)
+
+    result, gradients = _micro_batched(model, rows, 2.0, micro_batch_size,
+                                       encode_images=lambda images: encode_image_with_patches(model, images),
+                                       image_penalty=share)
+    _assert_same_gradients(gradients, expected)
+    torch.testing.assert_close(result.penalty, whole_penalty.detach(), **TIGHT)
+    assert whole_penalty.item() > 0.1 and not result.penalty.requires_grad
+
+
 def test_gradients_accumulate_like_backward(tiny, model):
     rows = _rows(tiny[1], k=2, m=1, alpha=2.0, repeated_ids=False)
     _, _, once = _whole_batch(model, rows, 2.0)
@@ -355,9 +384,22 @@ def test_two_ranks_give_the_single_process_whole_batch_gradients(tiny, model, tm
 
 
 # ---- in the trainer ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("alpha, micro_batch_size", [(0.0, 3), (2.0, 3), (2.0, 5)])
-def test_the_trainer_with_micro_batches_matches_its_whole_batch_gradient(tmp_path, alpha, micro_batch_size):
-    """The trainer's own batch (hard negatives only when alpha > 0, extra negatives, its loss) through both paths."""
+TEACHER_CASES = {
+    "distillation-anchor-preference": {"distillation_weight": 1.0, "feature_anchor_weight": 5.0, "preference_mix": 0.5},
+    "preference-alone-at-alpha-0": {"preference_mix": 1.0},
+}
+
+
+@pytest.mark.parametrize("alpha, micro_batch_size, objectives",
+                         [(0.0, 3, {}), (2.0, 3, {}), (2.0, 5, {}),
+                          (2.0, 3, TEACHER_CASES["distillation-anchor-preference"]),
+                          (0.0, 5, TEACHER_CASES["preference-alone-at-alpha-0"])],
+                         ids=["alpha0", "alpha2", "alpha2-mb5", *TEACHER_CASES])
+def test_the_trainer_with_micro_batches_matches_its_whole_batch_gradient(tmp_path, alpha, micro_batch_size,
+                                                                          objectives):
+    """The trainer's own batch (hard negatives only when alpha > 0 or the preference loss ranks them, extra
+    negatives, its loss and the teacher terms) through both paths. The student is moved off its teacher first, so
+    that distillation and the anchor have a gradient to compare."""
     from tests.unit.test_train import _settings, _write_pairs
     from hnclip.train.data import read_shards
     from hnclip.train.trainer import Trainer, TrainSettings
@@ -368,14 +410,23 @@ def test_the_trainer_with_micro_batches_matches_its_whole_batch_gradient(tmp_pat
     for size in (None, micro_batch_size):
         torch.manual_seed(0)
         clip, preprocess, tokenizer = create_clip("hnclip-tiny")
-        settings = TrainSettings(**_settings(alpha=alpha, hard_negatives_per_image=2, micro_batch_size=size))
+        settings = TrainSettings(**_settings(alpha=alpha, hard_negatives_per_image=2, micro_batch_size=size,
+                                             **objectives))
         trainer = Trainer(settings, clip, tokenizer, preprocess, pairs, None, tmp_path / f"state-{size}")
         trainer.setup()
+        with torch.no_grad():
+            for parameter in clip.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
         trainer.optimizer.zero_grad(set_to_none=True)
-        loss, _, features = trainer._forward_backward(trainer._batch(0))
+        batch = trainer._batch(0)
+        trainer._teacher_features = trainer._teach(batch)
+        loss, parts, features = trainer._forward_backward(batch)
         trainer.close_stream()
-        assert (features["hard"] is not None) == (alpha > 0)
-        gradients[size] = (float(loss.detach()), {n: p.grad.clone() for n, p in clip.named_parameters() if p.grad is not None})
+        assert (features["hard"] is not None) == (alpha > 0 or "preference_mix" in objectives)
+        for term in ("distillation", "feature_anchor", "preference"):
+            assert (term in parts) == (f"{term}_weight" in objectives or f"{term}_mix" in objectives), term
+            assert term not in parts or float(parts[term]) > 1e-4, term  # a term that is zero compares nothing
+        gradients[size] = (loss, {n: p.grad.clone() for n, p in clip.named_parameters() if p.grad is not None})
     (whole_loss, whole), (micro_loss, micro) = gradients[None], gradients[micro_batch_size]
     assert micro_loss == pytest.approx(whole_loss, rel=1e-6)
     assert whole.keys() == micro.keys() and len(whole) > 10

@@ -73,3 +73,93 @@ def test_alpha_is_constant_or_ramps_linearly_over_the_first_steps():
     assert [alpha_at_step(4.0, step, ramp_steps=4) for step in (1, 2, 3, 4, 9)] == [1.0, 2.0, 3.0, 4.0, 4.0]
     with pytest.raises(ValueError):
         alpha_at_step(-1.0, 1)
+
+
+def test_distillation_leaves_masked_captions_out_of_both_distributions():
+    student = torch.randn(3, 4, generator=generator(4), dtype=torch.float64) * 0.3
+    teacher = torch.randn(3, 4, generator=generator(5), dtype=torch.float64) * 0.3
+    mask = torch.tensor([[False, True, False, False], [False, False, False, False], [True, False, False, False]])
+    masked_student, masked_teacher = student.masked_fill(mask, -math.inf), teacher.masked_fill(mask, -math.inf)
+    naive = sum(naive_kl(s[~m][None], t[~m][None], 0.1) for s, t, m in zip(student, teacher, mask)) / 3
+    value = distillation_kl(masked_student.requires_grad_(), masked_teacher, tau=0.1)
+    assert value.item() == pytest.approx(naive)
+    value.backward()
+    assert torch.isfinite(masked_student.grad).all()
+    with pytest.raises(ValueError, match="mask .* different captions"):
+        distillation_kl(masked_student, teacher, tau=0.1)
+
+
+# ---- the terms as the trainer combines them (hnclip.train.objectives) ---------------------------------------------
+
+def _features(seed: int, n: int = 4, k: int = 2, m: int = 0, dim: int = 5) -> dict:
+    g = generator(seed)
+    return {
+        "image": torch.randn(n, dim, generator=g, dtype=torch.float64),
+        "text": torch.randn(n, dim, generator=g, dtype=torch.float64),
+        "hard": torch.randn(n, k, dim, generator=g, dtype=torch.float64) if k else None,
+        "extra": torch.randn(n, m, dim, generator=g, dtype=torch.float64) if m else None,
+        "ids": torch.tensor([0, 1, 0, 2][:n]),
+    }
+
+
+def _cosine(a, b) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def test_caption_similarities_rank_the_batch_positives_then_the_images_own_negatives():
+    from hnclip.losses import caption_similarities
+
+    f = _features(0, k=2, m=1)
+    table = caption_similarities(f["image"], f["text"], f["hard"], f["extra"], image_ids=f["ids"])
+    assert table.shape == (4, 4 + 2 + 1)
+    for i in range(4):
+        for j in range(4):
+            expected = -math.inf if i != j and f["ids"][i] == f["ids"][j] else _cosine(f["image"][i], f["text"][j])
+            assert table[i, j].item() == pytest.approx(expected)
+        assert table[i, 4].item() == pytest.approx(_cosine(f["image"][i], f["hard"][i, 0]))
+        assert table[i, 5].item() == pytest.approx(_cosine(f["image"][i], f["hard"][i, 1]))
+        assert table[i, 6].item() == pytest.approx(_cosine(f["image"][i], f["extra"][i, 0]))
+
+
+def test_hard_negative_margins_pair_each_positive_with_each_of_its_negatives():
+    from hnclip.train.objectives import hard_negative_margins
+
+    f = _features(1, k=3)
+    positive, negative = hard_negative_margins(f)
+    assert positive.shape == negative.shape == (12,)
+    for i in range(4):
+        for k in range(3):
+            assert positive[3 * i + k].item() == pytest.approx(_cosine(f["image"][i], f["text"][i]))
+            assert negative[3 * i + k].item() == pytest.approx(_cosine(f["image"][i], f["hard"][i, k]))
+
+
+class _Settings:
+    def __init__(self, **values):
+        self.tau, self.distillation_weight, self.preference_mix, self.preference_beta = 0.1, 0.0, 0.0, None
+        self.__dict__.update(values)
+
+
+@pytest.mark.parametrize("distillation_weight, mix", [(0.0, 0.0), (2.0, 0.0), (0.0, 0.25), (0.5, 1.0)])
+def test_the_step_loss_mixes_contrastive_and_preference_and_adds_weighted_distillation(distillation_weight, mix):
+    from hnclip.losses import caption_similarities
+    from hnclip.train.objectives import add_teacher_terms, hard_negative_margins
+
+    student, teacher = _features(2), _features(3)
+    contrastive = torch.tensor(1.7, dtype=torch.float64)
+    settings = _Settings(distillation_weight=distillation_weight, preference_mix=mix)
+    loss, parts = add_teacher_terms({"loss": contrastive}, student, teacher, settings)
+    similarities = [caption_similarities(f["image"], f["text"], f["hard"], image_ids=f["ids"])
+                    for f in (student, teacher)]
+    distillation = distillation_kl(*similarities, tau=0.1)
+    preference = preference_loss(*hard_negative_margins(student), *hard_negative_margins(teacher), beta=1 / 0.1)
+    expected = (1 - mix) * 1.7 + distillation_weight * distillation.item() + mix * preference.item()
+    assert loss.item() == pytest.approx(expected)
+    assert ("distillation" in parts) == (distillation_weight > 0) and ("preference" in parts) == (mix > 0)
+
+
+def test_the_preference_loss_needs_hard_negatives():
+    from hnclip.train.objectives import add_teacher_terms
+
+    with pytest.raises(ValueError, match="needs hard negatives"):
+        add_teacher_terms({"loss": torch.tensor(1.0)}, _features(0, k=0), _features(1, k=0),
+                          _Settings(preference_mix=0.5))

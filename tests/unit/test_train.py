@@ -131,11 +131,13 @@ def _wait_for_state_step(state_dir: Path, at_least: int, proc: subprocess.Popen,
 @pytest.mark.parametrize(
     "loader, kill_after, objectives",
     [(None, 4, {}), ({"num_workers": 2, "image_cache_bytes": 0}, 7, {}),
-     (None, 5, {"l2_sp_weight": 1.0, "alpha_ramp_steps": 8})],
-    ids=["in-process", "workers", "l2-sp-and-alpha-ramp"])
+     (None, 5, {"l2_sp_weight": 1.0, "alpha_ramp_steps": 8, "distillation_weight": 1.0,
+                 "feature_anchor_weight": 1.0, "preference_mix": 0.5})],
+    ids=["in-process", "workers", "objectives"])
 def test_killed_and_resumed_run_ends_with_bit_identical_weights(shard, tmp_path, loader, kill_after, objectives):
     """With loader workers streaming the images from disk too: the straight run reads in its own process. With
-    L2-SP the resumed run must still measure the distance to the weights the run started from, not the resumed ones."""
+    L2-SP and the teacher terms the resumed run must still compare with the weights the run started from, not the
+    resumed ones."""
     straight = _train(_spec(shard, tmp_path / "straight", **objectives))
     interrupted = tmp_path / "interrupted"
     proc = _train(_spec(shard, interrupted, loader=loader, **objectives))
@@ -159,7 +161,7 @@ def test_killed_and_resumed_run_ends_with_bit_identical_weights(shard, tmp_path,
     assert log["step"].tolist() == list(range(1, 13))  # no duplicated or missing rows after the resume
     assert log["val_pairwise_accuracy"].notna().sum() == 2
     straight_log = pd.read_csv(tmp_path / "straight/train_log.csv")
-    for column in ("l2_sp", "alpha"):  # the objectives' own log columns continue as if never interrupted
+    for column in ("l2_sp", "distillation", "feature_anchor", "preference", "alpha"):  # as if never interrupted
         pd.testing.assert_series_equal(log[column], straight_log[column])
 
 
@@ -283,3 +285,68 @@ def test_l2_sp_keeps_the_weights_nearer_their_start_and_is_logged_apart(shard, t
 def test_alpha_ramps_over_the_first_steps(shard, tmp_path):
     _, _, records = _trained(shard, tmp_path, steps=4, alpha=2.0, alpha_ramp_steps=4)
     assert [r["alpha"] for r in records] == [0.5, 1.0, 1.5, 2.0]
+
+
+def test_teacher_terms_start_from_the_students_own_values_and_are_logged_apart(shard, tmp_path):
+    """At the first step the student is its teacher: no distillation, no anchor distance, a preference loss of
+    log 2 (every margin equals the reference's). Then each grows, and the teacher's weights never move."""
+    import math
+
+    objectives = dict(distillation_weight=1.0, feature_anchor_weight=1.0, preference_mix=0.5)
+    _, _, records = _trained(shard, tmp_path, **objectives)
+    first = records[0]
+    # in eval mode without a graph the teacher's attention takes PyTorch's fused inference kernel: equal to the
+    # student's to float32 rounding, not bit for bit
+    assert first["distillation"] == pytest.approx(0.0, abs=1e-6) and first["feature_anchor"] == pytest.approx(0.0, abs=1e-9)
+    assert first["preference"] == pytest.approx(math.log(2), abs=1e-6)
+    assert records[-1]["distillation"] > 0 and records[-1]["feature_anchor"] > 0
+    assert records[-1]["preference"] != pytest.approx(math.log(2), abs=1e-6)
+    _, _, plain = _trained(shard, tmp_path / "plain")
+    assert all(r[term] == "" for r in plain for term in ("distillation", "feature_anchor", "preference"))
+
+
+def test_the_teacher_is_a_frozen_copy_of_the_starting_weights(shard, tmp_path):
+    from hnclip.models import create_clip
+    from hnclip.train.data import read_shards
+
+    torch.manual_seed(0)
+    clip, preprocess, tokenizer = create_clip("hnclip-tiny")
+    start = {name: p.detach().clone() for name, p in clip.named_parameters()}
+    trainer = Trainer(TrainSettings(**_settings(steps=3, val_every=100, feature_anchor_weight=1.0)), clip, tokenizer,
+                      preprocess, read_shards([shard]), None, tmp_path / "state", num_workers=0)
+    trainer.setup()
+    for step in range(3):
+        trainer.step(step)
+    trainer.close_stream()
+    teacher = dict(trainer.teacher.named_parameters())
+    assert all(not p.requires_grad for p in teacher.values())
+    assert all(torch.equal(teacher[name], start[name]) for name in start)
+    assert any(not torch.equal(p, start[name]) for name, p in clip.named_parameters())
+
+
+def _penultimate_distance(shard, before: dict, after: dict) -> float:
+    from hnclip.models import create_clip, penultimate_patch_tokens
+
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(Path(shard).parent / f"{i}.jpg"), dtype=np.float32))
+                          .permute(2, 0, 1) / 255 for i in range(8)])
+    tokens = []
+    for weights in (before, after):
+        model, _, _ = create_clip("hnclip-tiny")
+        model.load_state_dict({**model.state_dict(), **weights})
+        with torch.no_grad():
+            tokens.append(penultimate_patch_tokens(model.eval(), images))
+    return float((tokens[0] - tokens[1]).pow(2).mean())
+
+
+def test_the_feature_anchor_keeps_the_penultimate_features_nearer_the_baseline(shard, tmp_path):
+    plain_before, plain_after, _ = _trained(shard, tmp_path / "plain", steps=6)
+    held_before, held_after, held = _trained(shard, tmp_path / "held", steps=6, feature_anchor_weight=1000.0)
+    assert _penultimate_distance(shard, held_before, held_after) < 0.5 * _penultimate_distance(
+        shard, plain_before, plain_after)
+
+
+def test_teacher_terms_need_the_hnc_loss_and_a_mix_between_0_and_1():
+    with pytest.raises(ValueError, match="preference_mix must lie in"):
+        TrainSettings(**_settings(preference_mix=1.5))
+    with pytest.raises(ValueError, match="need loss='hnc'"):
+        TrainSettings(**_settings(loss="clip", distillation_weight=1.0))

@@ -20,6 +20,7 @@ from hnclip.evaluate.encode import (
     ImageSource, Preprocess, evaluation_mode, model_device, preprocessed_batches,
 )
 from hnclip.evaluate.stats import bootstrap_ci
+from hnclip.models import penultimate_patch_tokens
 
 BENCHMARK = "drift"
 
@@ -84,47 +85,6 @@ class LinearCKAAccumulator:
         centred_yty = s["yty"] - np.outer(s["sum_y"], s["sum_y"]) / n
         centred_xty = s["xty"] - np.outer(s["sum_x"], s["sum_y"]) / n
         return _cka_from_cross_products(centred_xtx, centred_yty, centred_xty)
-
-
-# --- penultimate patch tokens ---------------------------------------------------------------------
-
-class _CapturedInput(Exception):
-    """Raised by the hook to stop the forward pass once the penultimate tokens are captured."""
-
-    def __init__(self, tokens: torch.Tensor) -> None:
-        super().__init__("penultimate tokens captured")
-        self.tokens = tokens
-
-
-def _raise_with_block_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    # open_clip's Transformer calls each block as block(x, attn_mask=...): x is the first positional
-    # argument (named q_x in the block's signature).
-    raise _CapturedInput(args[0] if args else kwargs["q_x"])
-
-
-def penultimate_patch_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """B × patches × width: the input of the vision tower's last residual block, CLS token dropped.
-
-    This is HF's ``hidden_states[-2]`` with ``vision_feature_select_strategy="default"``, LLaVA's input.
-    Captured with a forward pre-hook on ``model.visual.transformer.resblocks[-1]``; the rest of the
-    forward pass (last block, pooling, projection) is skipped. Call under ``evaluation_mode``.
-    """
-    visual = model.visual
-    last_block = visual.transformer.resblocks[-1]
-    handle = last_block.register_forward_pre_hook(_raise_with_block_input, with_kwargs=True)
-    try:
-        visual(images)
-    except _CapturedInput as captured:
-        tokens = captured.tokens
-    else:
-        raise RuntimeError("the last vision block never ran: cannot capture penultimate tokens")
-    finally:
-        handle.remove()
-    # open_clip 3.x runs blocks batch-first (N, L, D) unless the transformer was built otherwise.
-    if not getattr(visual.transformer, "batch_first", True):
-        tokens = tokens.transpose(0, 1)
-    patches = int(np.prod(visual.grid_size))
-    return tokens[:, tokens.shape[1] - patches:, :]  # prefix tokens (CLS) come first
 
 
 # --- drift measurement and report -----------------------------------------------------------------

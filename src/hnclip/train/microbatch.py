@@ -14,6 +14,11 @@ whole batch's loss and gradient exactly while building an autograd graph for one
    through the encoders (``torch.autograd.backward(features, grad_tensors=...)``). By the chain rule the parameter
    gradients summed over micro-batches are the whole batch's: d loss / d theta = sum_f (d loss / d f)(d f / d theta).
 
+A term that is a sum over the rows of the image tower's own outputs (the feature anchor: each image's penultimate
+features against the frozen baseline's) needs no cache: ``image_penalty`` computes each micro-batch's share from the
+second output of ``encode_images`` in step 1 (its value) and again, with a graph, in step 3, where it joins the
+micro-batch's backward.
+
 The cost is one extra forward pass of both towers (step 3 repeats step 1 with a graph); the memory of the encoders'
 activations is that of one micro-batch. ``set_activation_checkpointing`` cuts it further, per layer.
 
@@ -47,6 +52,7 @@ __all__ = ["MicroBatchedStep", "micro_batched_backward", "set_activation_checkpo
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 LossFromFeatures = Callable[[dict], "tuple[torch.Tensor, dict]"]
+ImagePenalty = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -55,11 +61,14 @@ class MicroBatchedStep:
 
     ``loss`` and ``parts`` are what ``loss_from_features`` returned for the whole (global) batch; ``features`` holds
     the global features it saw, keys ``image``, ``text``, ``hard``, ``extra`` (None when not encoded) and ``ids``.
+    ``penalty`` is the sum of ``image_penalty``'s shares over this rank's micro-batches (None without one); it is
+    not part of ``loss``.
     """
 
     loss: torch.Tensor
     parts: dict
     features: dict
+    penalty: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,7 @@ def micro_batched_backward(
     micro_batch_size: int,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     forward_context: Callable[[], ContextManager] = contextlib.nullcontext,
+    image_penalty: ImagePenalty | None = None,
 ) -> MicroBatchedStep:
     """The whole batch's loss and parameter gradients, with encoder graphs of ``micro_batch_size`` rows only.
 
@@ -130,6 +140,9 @@ def micro_batched_backward(
         gather: concatenates every rank's rows (default ``distributed.gather_with_grad``: identity in one process).
         forward_context: makes the context each forward pass runs in (e.g. the trainer's ``_autocast``); the
             backward passes run outside it, as autocast recommends.
+        image_penalty: a term over the image tower's rows, added to the gradient: ``encode_images`` then returns
+            (features, side output) and ``image_penalty(side output, rows)`` gives the share of the micro-batch
+            ``rows`` (a slice of this rank's rows), so that the shares sum to the rank's whole term.
 
     Raises:
         ValueError: micro_batch_size < 1 or not an integer; empty or row-misaligned inputs.
@@ -138,13 +151,26 @@ def micro_batched_backward(
     rows = _checked_rows(images, texts, hard_negatives, extra_negatives, image_ids)
     gather = distributed.gather_with_grad if gather is None else gather
     micro_batches = _micro_batches(rows.count, size)
-    encoders = {"image": encode_images, "text": encode_texts}
+    encoders = {"image": _ImageEncoder(encode_images, image_penalty), "text": encode_texts}
 
-    local, rng_states = _encode_without_graph(rows, micro_batches, encoders, forward_context)
+    local, rng_states, penalty = _encode_without_graph(rows, micro_batches, encoders, forward_context)
     ids = image_ids.to(local["image"].device)
     loss, parts, features, gradients = _feature_gradients(local, ids, loss_from_features, gather, forward_context)
     _backpropagate_micro_batches(rows, micro_batches, encoders, gradients, rng_states, forward_context)
-    return MicroBatchedStep(loss=loss, parts=_detached(parts), features=features)
+    return MicroBatchedStep(loss=loss, parts=_detached(parts), features=features, penalty=penalty)
+
+
+class _ImageEncoder:
+    """The image tower as the passes call it: ``(rows' images, rows) -> (features, penalty share or None)``."""
+
+    def __init__(self, encode: Encoder, penalty: ImagePenalty | None):
+        self.encode, self.penalty = encode, penalty
+
+    def __call__(self, images: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.penalty is None:
+            return self.encode(images), None
+        features, side = self.encode(images)
+        return features, self.penalty(side, rows)
 
 
 def set_activation_checkpointing(model: torch.nn.Module, enabled: bool = True) -> None:
@@ -169,18 +195,22 @@ def set_activation_checkpointing(model: torch.nn.Module, enabled: bool = True) -
 
 # ---- step 1: encode the whole batch without a graph ------------------------------------------------------------------
 def _encode_without_graph(
-    rows: _Rows, micro_batches: list[slice], encoders: dict[str, Encoder], forward_context
-) -> tuple[dict[str, torch.Tensor | None], list[dict[str, _RngState]]]:
-    """Every row's features (image, text, hard, extra; rank-local) and the RNG states of the pass.
+    rows: _Rows, micro_batches: list[slice], encoders: dict, forward_context
+) -> tuple[dict[str, torch.Tensor | None], list[dict[str, _RngState]], torch.Tensor | None]:
+    """Every row's features (image, text, hard, extra; rank-local), the RNG states of the pass and the image
+    penalty's value (None without one).
 
     The states: before each micro-batch's image and text encodes, and (key ``"end"`` of the last) after the pass.
     """
-    image_parts, caption_parts, rng_states = [], [], []
+    image_parts, caption_parts, rng_states, penalty = [], [], [], None
     for micro_batch in micro_batches:
         states = {}
         with torch.no_grad(), forward_context():
             states["image"] = _capture_rng_state()
-            image_parts.append(encoders["image"](rows.images[micro_batch]))
+            image_features, share = encoders["image"](rows.images[micro_batch], micro_batch)
+            image_parts.append(image_features)
+            if share is not None:
+                penalty = share if penalty is None else penalty + share
             states["text"] = _capture_rng_state()
             caption_parts.append(
                 _split_captions(encoders["text"](rows.caption_tokens(micro_batch)), rows, micro_batch)
@@ -191,7 +221,7 @@ def _encode_without_graph(
     for kind in ("text", "hard", "extra"):
         pieces = [part[kind] for part in caption_parts]
         local[kind] = None if pieces[0] is None else torch.cat(pieces)
-    return local, rng_states
+    return local, rng_states, penalty
 
 
 def _split_captions(features: torch.Tensor, rows: _Rows, micro_batch: slice) -> dict[str, torch.Tensor | None]:
@@ -247,19 +277,21 @@ def _backpropagate_micro_batches(rows, micro_batches, encoders, gradients, rng_s
                 continue
             _restore_rng_state(states[tower])
             with torch.enable_grad(), forward_context():
-                output = encoders[tower](_tower_inputs(rows, tower, micro_batch))
+                if tower == "image":
+                    output, share = encoders["image"](rows.images[micro_batch], micro_batch)
+                else:
+                    output, share = encoders["text"](rows.caption_tokens(micro_batch)), None
             trains[tower] = output.requires_grad
             if output.requires_grad:
                 outputs.append(output)
                 output_gradients.append(_tower_gradient(gradients, rows, tower, micro_batch).to(output.dtype))
+            if share is not None and share.requires_grad:
+                outputs.append(share)
+                output_gradients.append(torch.ones_like(share))
         if outputs:
             torch.autograd.backward(outputs, grad_tensors=output_gradients)
     # leave the generator where the first pass left it (a skipped tower would otherwise shift it)
     _restore_rng_state(rng_states[-1]["end"])
-
-
-def _tower_inputs(rows: _Rows, tower: str, micro_batch: slice) -> torch.Tensor:
-    return rows.images[micro_batch] if tower == "image" else rows.caption_tokens(micro_batch)
 
 
 def _tower_gradient(gradients: dict, rows: _Rows, tower: str, micro_batch: slice) -> torch.Tensor:

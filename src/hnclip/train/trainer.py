@@ -25,20 +25,26 @@ from tqdm import tqdm
 from hnclip.io import atomic_path
 from hnclip.loader import ImageFiles, default_loader_workers, image_batches
 from hnclip.losses import hard_negative_accuracy, hnc_contrastive_loss, plain_clip_loss
-from hnclip.regularisers import alpha_at_step, l2_sp
+from hnclip.models import encode_image_with_patches
+from hnclip.regularisers import alpha_at_step, feature_anchor, l2_sp
 from hnclip.train import distributed
 from hnclip.train.checkpoint import load_state, save_state
 from hnclip.train.data import (
     Batch, BatchMaker, BatchPlan, CachedImages, CaptionBank, PairData, release_arrow_memory, tokenize_all,
 )
 from hnclip.train.microbatch import micro_batched_backward, set_activation_checkpointing
+from hnclip.train.objectives import (
+    TEACHER_TERMS, add_teacher_terms, frozen_teacher, needs_teacher_captions, uses_teacher,
+)
 from hnclip.train.text import encode_text_by_length
 
 log = logging.getLogger(__name__)
 
+# loss: the weighted total minimised (hnclip.train.objectives); image_to_text, text_to_image: the contrastive loss's
+# two directions; l2_sp and the teacher terms: each unweighted, empty when off
 LOG_COLUMNS = [
-    "step", "epoch", "loss", "image_to_text", "text_to_image", "l2_sp", "alpha", "lr", "samples_per_s",
-    "hard_negative_accuracy", "val_pairwise_accuracy",
+    "step", "epoch", "loss", "image_to_text", "text_to_image", "l2_sp", *TEACHER_TERMS, "alpha", "lr",
+    "samples_per_s", "hard_negative_accuracy", "val_pairwise_accuracy",
 ]
 
 
@@ -76,6 +82,18 @@ class TrainSettings:
     l2_sp_weight: float = 0.0  # weight of the squared distance of the trainable parameters to their initial values
     train_last_n: int | None = None  # train only the last N blocks of each trained tower (and what follows them)
     freeze_projections: bool = False  # keep the towers' output projections as they are
+    # Against a frozen copy of the starting weights (the baseline), which runs without a graph:
+    distillation_weight: float = 0.0  # KL of the baseline's image->text distribution to the student's
+    feature_anchor_weight: float = 0.0  # squared distance of the penultimate patch features (what LLaVA reads)
+    preference_mix: float = 0.0  # loss = (1 - m) contrastive + m preference (DPO-style, over hard-negative triples)
+    preference_beta: float | None = None  # the preference loss's beta (None: 1 / tau, the contrastive logits' scale)
+
+    def __post_init__(self):
+        if not 0.0 <= self.preference_mix <= 1.0:
+            raise ValueError(f"preference_mix must lie in [0, 1], got {self.preference_mix}")
+        if self.loss != "hnc" and uses_teacher(self):
+            raise ValueError(f"distillation, the feature anchor and the preference loss need loss='hnc', got "
+                             f"{self.loss!r}")
 
 
 def learning_rate(step: int, settings: TrainSettings) -> float:
@@ -168,6 +186,8 @@ class Trainer:
         self.image_cache_bytes = image_cache_bytes
         self._alpha = settings.alpha  # the hard-negative weight of the current step (alpha_ramp_steps)
         self._initial: list[torch.Tensor] | None = None  # L2-SP's anchor, set up by setup()
+        self.teacher: torch.nn.Module | None = None  # the frozen starting weights, set up by setup()
+        self._teacher_features: dict | None = None  # the teacher's features of the current step's batch
         self._stop_signal: int | None = None
         self._stream: Iterator[Batch] | None = None
         self._stream_step: int | None = None  # the step the open stream yields next
@@ -182,6 +202,7 @@ class Trainer:
                                                freeze_projections=s.freeze_projections)
         # L2-SP's anchor: the weights the run starts from, taken before a resume loads later ones
         self._initial = [p.detach().clone() for p in self.parameters] if s.l2_sp_weight > 0 else None
+        self.teacher = frozen_teacher(self.model) if uses_teacher(s) else None  # likewise before a resume
         if self.settings.grad_checkpointing:
             set_activation_checkpointing(self.model)
         # the fused kernel: 5x faster than the per-tensor loop on the CPU, and on CUDA too
@@ -270,8 +291,9 @@ class Trainer:
         batch = self._batch(step)
         self.optimizer.zero_grad(set_to_none=True)
         self._alpha = alpha_at_step(s.alpha, step + 1, ramp_steps=s.alpha_ramp_steps)
+        self._teacher_features = self._teach(batch)
         loss, parts, features = self._forward_backward(batch)
-        penalty = self._l2_sp_backward()
+        parts["l2_sp"] = self._l2_sp_backward()
         distributed.average_gradients(self.parameters)
         torch.nn.utils.clip_grad_norm_(self.parameters, s.grad_clip)
         self.optimizer.step()
@@ -279,10 +301,10 @@ class Trainer:
         return {
             "step": step + 1,
             "epoch": self.batches.plan.epoch_of(step),
-            "loss": float(loss.detach()) + (penalty or 0.0),
+            "loss": float(loss) + (0.0 if parts["l2_sp"] is None else s.l2_sp_weight * parts["l2_sp"]),
             "image_to_text": float(parts["image_to_text"].detach()),
             "text_to_image": float(parts["text_to_image"].detach()),
-            "l2_sp": "" if penalty is None else penalty,
+            **{term: _logged(parts.get(term)) for term in ("l2_sp", *TEACHER_TERMS)},
             "alpha": self._alpha if s.loss == "hnc" else "",
             "lr": lr,
             "samples_per_s": s.batch_size / elapsed,
@@ -290,40 +312,74 @@ class Trainer:
             "val_pairwise_accuracy": "",
         }
 
-    def _forward_backward(self, batch: Batch) -> tuple[torch.Tensor, dict, dict]:
-        """The batch's loss, its parts and features; the gradients accumulate in ``.grad``. With
+    def _forward_backward(self, batch: Batch) -> tuple[float, dict, dict]:
+        """The batch's weighted loss, its parts and features; the gradients accumulate in ``.grad``. With
         ``micro_batch_size`` only that many rows hold an autograd graph at once, and the loss is still the whole
         batch's (every row's denominator holds all of the batch's captions and hard negatives)."""
         s = self.settings
+        anchored = s.feature_anchor_weight > 0
         if s.micro_batch_size is None:
             with self._autocast():
-                features = self._encode_batch(batch)
+                features = self._encode_batch(batch, self.model, with_patches=anchored)
                 loss, parts = self._loss(features)
+                if anchored:
+                    parts["feature_anchor"] = feature_anchor(features.pop("patches"),
+                                                             self._teacher_features["patches"])
+                    loss = loss + s.feature_anchor_weight * parts["feature_anchor"]
             loss.backward()
-            return loss, parts, features
+            return float(loss.detach()), {key: value.detach() for key, value in parts.items()}, features
         result = micro_batched_backward(
             images=batch.images, texts=batch.texts,
             hard_negatives=batch.hard_negatives if self._uses_hard_negatives else None,
             extra_negatives=batch.extra_negatives, image_ids=batch.image_ids,
-            encode_images=lambda images: self.model.encode_image(self._to_device(images)),
+            encode_images=self._image_encoder(anchored),
             encode_texts=lambda tokens: encode_text_by_length(self.model, tokens),
             loss_from_features=self._loss, micro_batch_size=s.micro_batch_size, forward_context=self._autocast,
+            image_penalty=self._anchor_share if anchored else None,
         )
-        return result.loss, result.parts, result.features
+        loss, parts = float(result.loss), dict(result.parts)
+        if anchored:
+            parts["feature_anchor"] = result.penalty / s.feature_anchor_weight
+            loss += float(result.penalty)
+        return loss, parts, result.features
+
+    def _image_encoder(self, with_patches: bool) -> Callable:
+        if with_patches:
+            return lambda images: encode_image_with_patches(self.model, self._to_device(images))
+        return lambda images: self.model.encode_image(self._to_device(images))
+
+    def _anchor_share(self, patches: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The weighted feature anchor of one micro-batch's rows, as their share of the rank's mean over rows."""
+        reference = self._teacher_features["patches"][rows]
+        share = feature_anchor(patches, reference) * (reference.shape[0] / len(self._teacher_features["patches"]))
+        return self.settings.feature_anchor_weight * share
+
+    def _teach(self, batch: Batch) -> dict | None:
+        """The frozen baseline's features of the batch (None without a teacher term): what distillation and the
+        preference loss compare with (gathered over ranks, like the student's) and the penultimate patches the
+        feature anchor compares with (this rank's rows). No graph, and the whole batch in one pass: without a
+        graph only one layer's activations are alive at a time."""
+        if self.teacher is None:
+            return None
+        s = self.settings
+        with torch.no_grad(), self._autocast():
+            return self._encode_batch(batch, self.teacher, with_patches=s.feature_anchor_weight > 0,
+                                      with_captions=needs_teacher_captions(s))
 
     def _l2_sp_backward(self) -> float | None:
-        """Add L2-SP's gradient to the step's (weighted); returns the weighted penalty, None when it is off."""
+        """Add L2-SP's gradient (weighted) to the step's; returns the unweighted distance, None when it is off."""
         if self._initial is None:
             return None
-        penalty = self.settings.l2_sp_weight * l2_sp(self.parameters, self._initial)
-        penalty.backward()
-        return float(penalty.detach())
+        distance = l2_sp(self.parameters, self._initial)
+        (self.settings.l2_sp_weight * distance).backward()
+        return float(distance.detach())
 
     @property
     def _uses_hard_negatives(self) -> bool:
         # the plain CLIP loss (demo baseline) and alpha = 0 (the control) give hard negatives no weight: do not pay
-        # to encode them
-        return self.settings.loss == "hnc" and self.settings.alpha > 0
+        # to encode them, unless the preference loss ranks them
+        s = self.settings
+        return s.loss == "hnc" and (s.alpha > 0 or s.preference_mix > 0)
 
     def _batch(self, step: int) -> Batch:
         """The step's batch, from a stream whose loader workers read the next steps' images meanwhile (pinned on a
@@ -360,25 +416,36 @@ class Trainer:
         # pinned (on a GPU): the copy runs asynchronously instead of blocking the host
         return images.to(self.device, non_blocking=images.is_pinned())
 
-    def _encode_batch(self, batch) -> dict[str, torch.Tensor]:
-        """Encode every text of the batch in one call, then gather all ranks' rows (with gradient)."""
+    def _encode_batch(
+        self, batch, model: torch.nn.Module, *, with_patches: bool = False, with_captions: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Encode every text of the batch in one call, then gather all ranks' rows (with gradient). With
+        ``with_patches`` also this rank's penultimate patch tokens (key ``patches``, not gathered)."""
+        features: dict = {"ids": distributed.gather_with_grad(batch.image_ids.to(self.device))}
+        images = self._to_device(batch.images)
+        if with_patches:
+            image_features, features["patches"] = encode_image_with_patches(model, images)
+        else:
+            image_features = model.encode_image(images)
+        features["image"] = distributed.gather_with_grad(image_features)
+        if with_captions:
+            features.update(self._encode_captions(batch, model))
+        return features
+
+    def _encode_captions(self, batch, model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
         n = batch.texts.shape[0]
         k = batch.hard_negatives.shape[1] if self._uses_hard_negatives else 0
         m = 0 if batch.extra_negatives is None else batch.extra_negatives.shape[1]
         texts = [batch.texts, batch.hard_negatives[:, :k].flatten(0, 1)]
         if m:
             texts.append(batch.extra_negatives.flatten(0, 1))
-        text_features = encode_text_by_length(self.model, torch.cat(texts))
-        image_features = self.model.encode_image(self._to_device(batch.images))
+        text_features = encode_text_by_length(model, torch.cat(texts))
         gather = distributed.gather_with_grad
-        features = {
-            "image": gather(image_features),
+        return {
             "text": gather(text_features[:n]),
             "hard": gather(text_features[n : n + n * k].reshape(n, k, -1)) if k else None,
-            "ids": gather(batch.image_ids.to(self.device)),
+            "extra": gather(text_features[n + n * k :].reshape(n, m, -1)) if m else None,
         }
-        features["extra"] = gather(text_features[n + n * k :].reshape(n, m, -1)) if m else None
-        return features
 
     @staticmethod
     def _hard_negative_accuracy(features: dict) -> float | str:
@@ -387,6 +454,11 @@ class Trainer:
         return float(hard_negative_accuracy(features["image"], features["text"], features["hard"]))
 
     def _loss(self, f: dict) -> tuple[torch.Tensor, dict]:
+        """The weighted loss of the features (the contrastive loss and the teacher terms on features) and its
+        parts."""
+        return add_teacher_terms(self._contrastive_parts(f), f, self._teacher_features, self.settings)
+
+    def _contrastive_parts(self, f: dict) -> dict:
         common = dict(tau=self.settings.tau, image_ids=f["ids"], return_parts=True)
         if f["hard"] is not None:
             parts = hnc_contrastive_loss(
@@ -396,7 +468,7 @@ class Trainer:
             parts = hnc_contrastive_loss(f["image"], f["text"], f["extra"], alpha=1.0, **common)
         else:  # the plain CLIP loss: the demo baseline, or alpha = 0 (the HNC term is exactly absent)
             parts = plain_clip_loss(f["image"], f["text"], **common)
-        return parts["loss"], parts
+        return parts
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -471,3 +543,10 @@ class Trainer:
 
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, request_stop)
+
+
+def _logged(value) -> float | str:
+    """A term's log cell: its value, or empty when the term is off."""
+    if value is None:
+        return ""
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
