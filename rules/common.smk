@@ -11,10 +11,12 @@ from hnclip.data.compositional import SUGARCREPE_CATEGORIES
 from hnclip.pipeline.config import compositional_benchmarks
 from hnclip.pipeline.estimate import rule_resources, vqa_chunks
 from hnclip.pipeline.grid import (
-    CELL_WILDCARDS,
+    CELL_WILDCARD,
     MODEL_WILDCARD,
     control_cell,
     grid_cells,
+    parse_cell,
+    unregularised_cell,
 )
 
 try:
@@ -25,9 +27,7 @@ except ConfigError as error:
 
 wildcard_constraints:
     model=MODEL_WILDCARD,
-    alpha=r"[0-9.e+-]+",
-    tau=r"[0-9.e+-]+",
-    seed=r"[0-9]+",
+    cell=CELL_WILDCARD,
     dataset=r"vqav2|textvqa|vqav2_testdev",
     chunk=r"[0-9]+",
     benchmark=r"sugarcrepe|aro|winoground",
@@ -170,7 +170,7 @@ COMPOSITIONAL, COMPOSITIONAL_SKIPPED = compositional_benchmarks(config)
 for message in COMPOSITIONAL_SKIPPED:
     print(message, file=sys.stderr)
 GRID = config["finetune"]["grid"]
-CELLS = grid_cells(GRID["alpha"], GRID["tau"], GRID["seed"])
+CELLS = grid_cells(GRID)
 MODELS = ["baseline"] + CELLS
 
 
@@ -259,14 +259,6 @@ def model_weights(model):
     return run_path(f"finetune/{model}/model.safetensors")
 
 
-def cell_values(wildcards):
-    return {
-        "alpha": float(wildcards.alpha),
-        "tau": float(wildcards.tau),
-        "seed": int(wildcards.seed),
-    }
-
-
 def finetune_settings(wildcards):
     """Plain Python values only: Snakemake compares params by their printed form."""
     f = config["finetune"]
@@ -286,8 +278,10 @@ def finetune_settings(wildcards):
         micro_batch_size=f["micro_batch_size"],
         grad_checkpointing=f["grad_checkpointing"],
         loss="hnc",
-        **cell_values(wildcards),
         **objective_settings(),
+        **parse_cell(
+            wildcards.cell
+        ),  # alpha, tau, seed and the objective axes the cell names
     )
 
 
@@ -298,6 +292,10 @@ OBJECTIVE_DEFAULTS = {
     "l2_sp_weight": 0,
     "train_last_n": None,
     "freeze_projections": False,
+    "distillation_weight": 0,
+    "feature_anchor_weight": 0,
+    "preference_mix": 0,
+    "preference_beta": None,
 }
 
 
@@ -510,8 +508,13 @@ def llava_train_paths(dataset):
 
 # ---- aggregation ------------------------------------------------------------------------------------------------
 BENCHMARKS = ["hnc_test", "zeroshot", "drift"] + COMPOSITIONAL + SCORED_VQA_DATASETS
+# The objectives report compares each cell that adds an objective with its twin trained on the seed's loss alone:
+# drawn when the grid holds such a pair (an objective axis that includes 0).
+OBJECTIVES_COMPARED = any(unregularised_cell(cell) in CELLS for cell in CELLS)
 TABLE_FILES = [
     run_path(f"tables/{b}.{ext}") for b in BENCHMARKS for ext in ["csv", "md", "tex"]
+] + [
+    run_path(f"tables/objectives.{ext}") for ext in ["csv", "md"] if OBJECTIVES_COMPARED
 ]
 FIGURE_STEMS = [
     "heatmap_hnc_all",
@@ -522,6 +525,7 @@ FIGURE_STEMS = [
     "type_groups",
     *(["compositional"] if COMPOSITIONAL else []),
     "tradeoff",
+    *(["objectives"] if OBJECTIVES_COMPARED else []),
     "training_curves",
 ]
 

@@ -4,13 +4,13 @@ rule finetune:
         train=hnc_shards("train"),
         val=hnc_shards("val"),
     output:
-        weights=run_path(f"finetune/{CELL_WILDCARDS}/model.safetensors"),
-        train_log=run_path(f"finetune/{CELL_WILDCARDS}/train_log.csv"),
-        provenance=run_path(f"finetune/{CELL_WILDCARDS}/provenance.json"),
+        weights=run_path("finetune/{cell}/model.safetensors"),
+        train_log=run_path("finetune/{cell}/train_log.csv"),
+        provenance=run_path("finetune/{cell}/provenance.json"),
     log:
-        run_path(f"logs/finetune/{CELL_WILDCARDS}.log"),
+        run_path("logs/finetune/{cell}.log"),
     benchmark:
-        run_path(f"benchmarks/finetune/{CELL_WILDCARDS}.tsv")
+        run_path("benchmarks/finetune/{cell}.tsv")
     conda:
         "../envs/train.yaml"
     threads: resource("finetune", "threads")
@@ -20,7 +20,7 @@ rule finetune:
         settings=finetune_settings,
         model_name=config["model"]["clip_name"],
         # outside the declared outputs: Snakemake never deletes it when it cleans a failed or preempted job
-        state_dir=run_path(f"state/finetune/{CELL_WILDCARDS}"),
+        state_dir=run_path("state/finetune/{cell}"),
     script:
         "../workflow_scripts/train.py"
 

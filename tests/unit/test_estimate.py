@@ -127,3 +127,22 @@ def test_auto_memory_for_a_rule_without_an_estimate_is_refused():
 def test_footprint_is_a_plain_record():
     assert Footprint("s", "r", 1, 1.0, 2.0, 3.0).note == ""
     assert torch.finfo(torch.float16).bits == 16  # the tower delta's dtype width the disk formula assumes
+
+
+def test_a_frozen_teacher_costs_one_more_forward_pass_and_its_weights_and_patches_on_the_card():
+    plain = _thesis()
+    grid = {**plain["finetune"]["grid"], "feature_anchor_weight": [0.0, 10.0]}
+    anchored = _thesis(finetune__grid=grid)
+    costs = {c.stage: c for c in stage_costs(anchored)}
+    cells = 4 * 3 * 3
+    assert costs["finetune"].jobs == cells and costs["finetune + teacher"].jobs == cells
+    # micro-batches: 4 passes a step; the teacher's forward of the batch makes 5
+    assert costs["finetune + teacher"].items_per_s == pytest.approx(costs["finetune"].items_per_s * 4 / 5)
+    assert costs["evaluate_encoder"].jobs == 2 * cells + 1
+    clip = clip_shape(plain["model"]["clip_name"])
+    extra = finetune_footprint(anchored, clip).gpu_mb - finetune_footprint(plain, clip).gpu_mb
+    tokens = 256 * 577 * 1024  # the whole batch's ViT-L-14-336 tokens x width
+    assert extra == pytest.approx((4 * clip.params + 8 * tokens * 4 + tokens * 2) / 1e6)
+    l2_sp_only = _thesis(finetune__l2_sp_weight=0.1)  # L2-SP needs the starting weights only, no teacher pass
+    assert [c.stage for c in stage_costs(l2_sp_only)][0] == "finetune"
+    assert finetune_footprint(l2_sp_only, clip).gpu_mb == finetune_footprint(plain, clip).gpu_mb

@@ -26,7 +26,7 @@ from hnclip.report.summary import (
 from hnclip.report.tables import comparison_table, format_value, latex_escape, significance_mark, write_tables
 
 ALPHAS, TAUS, SEEDS = (0.0, 5.0), (0.05, 0.1), (0, 1)
-CELLS = grid_cells(ALPHAS, TAUS, SEEDS)
+CELLS = grid_cells({"alpha": ALPHAS, "tau": TAUS, "seed": SEEDS})
 MODELS = [BASELINE, *CELLS]
 HNC_SUBSETS = ("all", "attribute", "relation", "counting", "logic", "type:relation_subj")
 BENCHMARKS = ("hnc_test", "zeroshot", "drift", "vqav2", "textvqa")
@@ -384,3 +384,81 @@ def test_training_log_without_a_column_names_the_file(tmp_path):
     pd.DataFrame({"step": [1], "loss": [1.0]}).to_csv(path, index=False)
     with pytest.raises(TrainLogError, match=re.escape(str(path)) + ".*image_to_text, text_to_image"):
         read_train_log(path)
+
+
+# --- cells that add an objective to the seed's loss ------------------------------------------------------------------
+
+def _anchored(cell: str) -> str:
+    return f"feature_anchor_weight~2.0/{cell}"
+
+
+def _shift(benchmark: str, seed: int) -> float:
+    """What the fake anchor does: costs relations, keeps features nearer the baseline, seed-dependent."""
+    return {"hnc_test": -0.01, "zeroshot": 0.004, "drift": 0.05, "vqav2": 0.002, "textvqa": 0.0}[benchmark] * (1 + seed)
+
+
+@pytest.fixture()
+def objective_summary(tmp_path: Path, results: list[Path]) -> pd.DataFrame:
+    anchored = []
+    for cell in CELLS:
+        seed = int(cell[-1])
+        for benchmark in BENCHMARKS:
+            rows = [{**fake_row(cell, benchmark, subset, metric), "model": _anchored(cell)}
+                    for metric, subset in BENCHMARK_ROWS[benchmark]]
+            for row in rows:
+                row["value"] = round(row["value"] + _shift(benchmark, seed), 6)
+            anchored.append(write_result(tmp_path, _anchored(cell), benchmark, rows))
+    return build_summary(results + anchored, tmp_path / "results" / "tables" / "summary.csv")
+
+
+def test_the_summary_names_each_models_objective_weights(objective_summary):
+    anchor = objective_summary.set_index("model")["feature_anchor_weight"]
+    assert (anchor[_anchored(CELLS[0])] == 2.0).all() and (anchor[CELLS[0]] == 0.0).all()
+    assert anchor[BASELINE].isna().all() and (objective_summary["l2_sp_weight"].fillna(0) == 0).all()
+    order = list(dict.fromkeys(objective_summary["model"]))
+    assert order[0] == BASELINE and set(order[1 : 1 + len(CELLS)]) == set(CELLS)  # the seed's loss first
+
+
+def test_objective_effects_are_the_paired_changes_against_the_twin_cells(objective_summary):
+    from hnclip.report.objectives import objective_effects
+
+    effects = objective_effects(objective_summary).set_index(["setting", "measure"])
+    for alpha in ALPHAS:
+        for tau in TAUS:
+            setting = f"feature_anchor_weight~2.0/alpha~{alpha}/tau~{tau}"
+            for measure, benchmark, metric, subset in (("HNC relation", "hnc_test", "pairwise_accuracy", "relation"),
+                                                       ("drift CKA", "drift", "cka", "all"),
+                                                       ("VQA v2", "vqav2", "accuracy", "all")):
+                naive = []
+                for seed in SEEDS:
+                    twin = f"alpha~{alpha}/tau~{tau}/seed~{seed}"
+                    anchored = round(fake_value(twin, benchmark, subset, metric) + _shift(benchmark, seed), 6)
+                    naive.append(anchored - fake_value(twin, benchmark, subset, metric))
+                row = effects.loc[(setting, measure)]
+                assert row["change"] == pytest.approx(np.mean(naive), abs=1e-9)
+                assert (row["change_min"], row["change_max"]) == pytest.approx((min(naive), max(naive)), abs=1e-9)
+                assert row["n_seeds"] == len(SEEDS) and row["reference_setting"] == f"alpha~{alpha}/tau~{tau}"
+                assert row["objectives"] == "feature anchor 2"
+
+
+def test_objective_tables_and_figure_are_written_and_the_grid_figures_keep_the_seeds_loss(
+        tmp_path, summary, objective_summary, train_logs, monkeypatch):
+    from hnclip.report.objectives import write_objective_tables
+
+    csv_path, md_path = write_objective_tables(objective_summary, tmp_path / "tables")
+    assert len(pd.read_csv(csv_path)) == len(ALPHAS) * len(TAUS) * 7  # every measure of every anchored setting
+    markdown = md_path.read_text()
+    assert "| feature anchor 2; α = 5, τ = 0.05 | seed's loss alone | 2 | -1.5 [-2.0, -1.0] |" in markdown
+    table = comparison_table(objective_summary, "hnc_test")
+    assert table["setting"].tolist()[-1].startswith("feature_anchor_weight~2.0/")
+    assert table["feature_anchor_weight"].tolist()[1:3] == [0.0, 0.0]
+    monkeypatch.setattr(figures, "save_figure", lambda figure, out_dir, stem: [figure])
+    drawn = dict(zip([*(spec.stem for spec in HEATMAPS), "type_groups", "tradeoff", "objectives", "training_curves"],
+                     write_figures(objective_summary, train_logs, tmp_path / "figures")))
+    assert len(drawn["objectives"].axes) == 7
+    plain = dict(zip([*(spec.stem for spec in HEATMAPS), "type_groups", "tradeoff", "training_curves"],
+                     write_figures(summary, train_logs, tmp_path / "plain")))
+    for stem in ("heatmap_hnc_relation", "tradeoff"):  # the anchored cells are not mixed into the alpha x tau views
+        assert [a.get_title() for a in drawn[stem].axes] == [a.get_title() for a in plain[stem].axes]
+        assert [t.get_text() for a in drawn[stem].axes for t in a.texts] == [
+            t.get_text() for a in plain[stem].axes for t in a.texts]

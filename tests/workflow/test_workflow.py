@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -16,8 +17,9 @@ THESIS = ["--configfile", str(REPO / "config.yaml")]
 
 
 def _grid_size(config_file):
-    grid = yaml.safe_load(config_file.read_text())["finetune"]["grid"]
-    return len(grid["alpha"]) * len(grid["tau"]) * len(grid["seed"])
+    from hnclip.pipeline.grid import grid_cells
+
+    return len(grid_cells(yaml.safe_load(config_file.read_text())["finetune"]["grid"]))
 
 
 @pytest.mark.parametrize("config_args", [[], DEMO], ids=["thesis", "demo"])
@@ -167,6 +169,11 @@ def test_a_config_without_run_name_is_refused(tmp_path, write_config):
         ({"finetune": {"grid": {"alpha": [1.0], "tau": [0.0], "seed": [0]}}}, "finetune.grid.tau[0]"),
         ({"paths": {"hnc_test": "nowhere/test.json"}}, "paths.hnc_test: nowhere/test.json does not exist"),
         ({"unknown_key": 1}, "'unknown_key' was unexpected"),
+        ({"finetune": {"grid": {"alpha": [1.0], "tau": [0.05], "seed": [0], "feature_anchor_weight": [0.0, 1.0]},
+                       "feature_anchor_weight": 0.5}},
+         "finetune.feature_anchor_weight: is 0.5 and also swept by finetune.grid.feature_anchor_weight"),
+        ({"finetune": {"grid": {"alpha": [1.0], "tau": [0.05], "seed": [0], "preference_mix": [0.5, 1.5]}}},
+         "finetune.grid.preference_mix[1]"),
     ],
 )
 def test_bad_config_stops_before_any_job(tmp_path, write_config, override, message):
@@ -299,6 +306,37 @@ def test_editing_llava_settings_reruns_only_the_llava_stages(micro_run):
     counts = job_counts(run_snakemake("-n", *edited_args).stdout)
     # one VQA job per model answers both datasets
     assert counts.get("pretrain_llava", 0) == 0 and counts.get("export", 0) == 0 and counts["vqa"] == models
+
+
+@pytest.mark.slow
+def test_adding_an_objective_axis_trains_only_its_cells_and_compares_them_with_their_twins(micro_run):
+    """The user's next step after a run: sweep a regulariser. The cells already trained are its 0 and stay; the
+    anchored cells (and their alpha = 0 controls) train against a frozen baseline; the report pairs each with its
+    twin."""
+    workdir, args, _ = micro_run
+    config = micro_config()
+    config["finetune"]["grid"]["feature_anchor_weight"] = [0.0, 50.0]
+    anchored = workdir / "anchored.yaml"
+    anchored.write_text(yaml.safe_dump(config))
+    anchored_args = [arg if arg != str(workdir / "micro.yaml") else str(anchored) for arg in args]
+    counts = job_counts(run_snakemake("-n", *anchored_args).stdout)
+    assert {rule: counts.get(rule, 0) for rule in ("finetune", "evaluate_encoder", "export", "vqa", "pretrain")} == {
+        "finetune": 2, "evaluate_encoder": 2, "export": 2, "vqa": 2, "pretrain": 0}
+    run_snakemake(*anchored_args, timeout=1500, warm=True)
+    demo = workdir / "results/demo"
+    log = pd.read_csv(demo / "finetune/feature_anchor_weight~50.0/alpha~2.0/tau~0.05/seed~0/train_log.csv")
+    assert log["feature_anchor"].notna().all() and log["feature_anchor"].iloc[-1] > 0
+    settings = json.loads((demo / "finetune/feature_anchor_weight~50.0/alpha~2.0/tau~0.05/seed~0/provenance.json")
+                          .read_text())["settings"]
+    assert settings["feature_anchor_weight"] == 50.0 and settings["alpha"] == 2.0
+    effects = pd.read_csv(demo / "tables/objectives.csv")
+    assert set(effects["setting"]) == {"feature_anchor_weight~50.0/alpha~0.0/tau~0.05",
+                                       "feature_anchor_weight~50.0/alpha~2.0/tau~0.05"}
+    assert set(effects["reference_setting"]) == {"alpha~0.0/tau~0.05", "alpha~2.0/tau~0.05"}
+    assert {"HNC relation", "zero-shot top-1", "drift CKA", "VQA v2"} <= set(effects["measure"])
+    assert (demo / "figures/objectives.pdf").read_bytes().startswith(b"%PDF")
+    again = run_snakemake("-n", *anchored_args)
+    assert "Nothing to be done" in again.stdout + again.stderr
 
 
 # --config swallows every word after it: it goes last

@@ -15,6 +15,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from hnclip.pipeline.grid import OBJECTIVE_AXES
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SCHEMA_PATH = REPO_ROOT / "config.schema.yaml"
 
@@ -158,6 +160,16 @@ def check_datasets_available(config: dict) -> None:
                           "data_source: download (the synthetic world has no VQA v2 test split)")
 
 
+def check_objective_axes(config: dict) -> None:
+    """An objective swept by the grid is set there only: a finetune value beside it would be silently ignored."""
+    finetune = config["finetune"]
+    both = [axis for axis in OBJECTIVE_AXES if axis in finetune["grid"] and finetune[axis] != 0]
+    if both:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(
+            f"config key finetune.{axis}: is {finetune[axis]} and also swept by finetune.grid.{axis}; set it in one "
+            "place" for axis in both))
+
+
 GATED_BENCHMARKS = {"winoground": "facebook/winoground"}
 
 
@@ -189,4 +201,5 @@ def validate_config(config: dict, schema: dict | None = None, base_dir: str | os
     validate_schema(completed, schema)
     check_paths_exist(completed, base_dir)
     check_datasets_available(completed)
+    check_objective_axes(completed)
     return completed

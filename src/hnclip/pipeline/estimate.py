@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from hnclip.pipeline.grid import grid_cells, objectives_of
+
 MB = 1e6
 
 # ---- constants, each with its source ------------------------------------------------------------------------------
@@ -153,8 +155,18 @@ class StageCost:
 
 
 def _cells(config: dict) -> int:
-    grid = config["finetune"]["grid"]
-    return len(grid["alpha"]) * len(grid["tau"]) * len(grid["seed"])
+    return len(grid_cells(config["finetune"]["grid"]))
+
+
+TEACHER_KEYS = ("distillation_weight", "feature_anchor_weight", "preference_mix")
+
+
+def _teacher_cells(config: dict) -> int:
+    """Cells that train against a frozen copy of the baseline (hnclip.train.objectives): the grid's objective axes
+    override the finetune keys."""
+    finetune = config["finetune"]
+    return sum(any({**finetune, **objectives_of(cell)}.get(key, 0) > 0 for key in TEACHER_KEYS)
+               for cell in grid_cells(finetune["grid"]))
 
 
 def vqa_question_counts(config: dict) -> dict[str, int]:
@@ -190,12 +202,19 @@ def stage_costs(config: dict) -> list[StageCost]:
     models = cells + 1  # the baseline is evaluated like a cell
     load = estimate["model_load_s"]
     chunks = vqa_chunks(config)
-    # micro-batches encode the batch once more without a graph; checkpointing recomputes each block's forward
+    # micro-batches encode the batch once more without a graph; checkpointing recomputes each block's forward; a
+    # frozen teacher encodes it once more (no graph, no backward)
     recomputes = bool(finetune["micro_batch_size"] and finetune["micro_batch_size"] < finetune["batch_size"]) \
         + bool(finetune["grad_checkpointing"])
-    samples_per_s = estimate["finetune_samples_per_s"] * 3 / (3 + recomputes)  # a step is ~3 forward passes
+    samples = finetune["steps"] * finetune["batch_size"]
+    teacher_cells = _teacher_cells(config)
+    finetune_lines = [
+        StageCost(name, count, samples, estimate["finetune_samples_per_s"] * 3 / (3 + recomputes + extra), load)
+        for name, count, extra in (("finetune", cells - teacher_cells, 0), ("finetune + teacher", teacher_cells, 1))
+        if count  # a step is ~3 forward passes
+    ]
     return [
-        StageCost("finetune", cells, finetune["steps"] * finetune["batch_size"], samples_per_s, load),
+        *finetune_lines,
         StageCost("evaluate_encoder", models, estimate["eval_images"], estimate["eval_images_per_s"], load),
         StageCost("vqa", models * chunks, math.ceil(sum(vqa_question_counts(config).values()) / chunks),
                   estimate["vqa_questions_per_s"], load),
@@ -256,14 +275,18 @@ def finetune_footprint(config: dict, clip: ClipShape) -> Footprint:
     trainable = clip.params if f["train_towers"] == "both" else clip.vision_params
     weights_optimizer = 16 * trainable + 4 * (clip.params - trainable)  # fp32 weights, grads, two Adam moments
     gpu = (weights_optimizer + graph_batch * (vision + text)) / MB + CUDA_OVERHEAD_MB
+    if _teacher_cells(config):  # the frozen baseline's fp32 weights, its forward of the whole batch, its patches
+        gpu += (4 * clip.params + 8 * per_rank * clip.vision_tokens * clip.vision_width * 4
+                + per_rank * clip.vision_tokens * clip.vision_width * 2) / MB
     workers = _loader_workers(config, "finetune")
     loader = workers * (LOADER_WORKER_MB + PREFETCH_BATCHES * _image_batch_mb(per_rank, clip.image_size))
     host = gpus * (PROCESS_BASE_MB + 2 * 4 * clip.params / MB + _train_pairs(config) * TRAIN_BYTES_PER_PAIR / MB
                    + _cached_train_images_mb(config, clip) + loader)
     state = 16 * trainable / MB  # weights and Adam moments of the resume state, while the cell runs
+    teacher = f"; frozen teacher in {_teacher_cells(config)} cell(s)" if _teacher_cells(config) else ""
     return Footprint("finetune", "finetune", _cells(config), host, gpu, 4 * clip.params / MB,
-                     f"per-rank batch {per_rank}, graph batch {graph_batch}; +{state / 1e3:.1f} GB resume state "
-                     "while running")
+                     f"per-rank batch {per_rank}, graph batch {graph_batch}{teacher}; +{state / 1e3:.1f} GB resume "
+                     "state while running")
 
 
 def evaluate_footprint(config: dict, clip: ClipShape) -> Footprint:

@@ -1,7 +1,12 @@
-"""The fine-tuning grid: cells named ``alpha~{a}/tau~{t}/seed~{s}`` with plain Python floats.
+"""The fine-tuning grid: cells named ``alpha~{a}/tau~{t}/seed~{s}`` with plain Python floats, preceded by one
+directory per objective axis whose value is not 0 (``feature_anchor_weight~1.0/alpha~5.0/tau~0.05/seed~0``).
 
-The one place that knows a cell's path: the rules build their paths from ``CELL_WILDCARDS`` and constrain the
-``model`` wildcard with ``MODEL_WILDCARD``; the trainer, evaluation and aggregation go through ``cell_path``,
+An objective axis (``OBJECTIVE_AXES``: a regulariser's weight or the preference mix) is swept like alpha and tau;
+at 0 the term is off and the cell is the seed's, with the path it always had: adding an axis to a grid keeps the
+cells it already trained and adds only the new ones.
+
+The one place that knows a cell's path: the rules constrain the ``cell`` and ``model`` wildcards with
+``CELL_WILDCARD`` and ``MODEL_WILDCARD``; the trainer, evaluation and aggregation go through ``cell_path``,
 ``parse_cell`` and ``cell_in_path``.
 """
 
@@ -11,12 +16,17 @@ import itertools
 import re
 
 BASELINE = "baseline"
-CELL_WILDCARDS = "alpha~{alpha}/tau~{tau}/seed~{seed}"
+# The objectives a grid may sweep (hnclip.train.objectives), in the order their directories nest.
+OBJECTIVE_AXES = ("l2_sp_weight", "distillation_weight", "feature_anchor_weight", "preference_mix")
 _NUMBER = r"[0-9.e+-]+"
-# the model wildcard: the baseline or a cell (a cell spans three directories)
-MODEL_WILDCARD = rf"{BASELINE}|alpha~{_NUMBER}/tau~{_NUMBER}/seed~[0-9]+"
-_CELL_RE = re.compile(r"^alpha~(?P<alpha>[^/]+)/tau~(?P<tau>[^/]+)/seed~(?P<seed>\d+)$")
-_CELL_IN_PATH_RE = re.compile(r"(?:^|/)(alpha~[^/]+/tau~[^/]+/seed~[^/]+)/")
+_OBJECTIVE_PREFIX = rf"(?:(?:{'|'.join(OBJECTIVE_AXES)})~{_NUMBER}/)*"
+# the cell wildcard (a cell spans three directories, more with objective axes) and the model wildcard
+CELL_WILDCARD = rf"{_OBJECTIVE_PREFIX}alpha~{_NUMBER}/tau~{_NUMBER}/seed~[0-9]+"
+MODEL_WILDCARD = rf"{BASELINE}|{CELL_WILDCARD}"
+_CELL_RE = re.compile(
+    rf"^(?P<objectives>{_OBJECTIVE_PREFIX})alpha~(?P<alpha>[^/]+)/tau~(?P<tau>[^/]+)/seed~(?P<seed>\d+)$"
+)
+_CELL_IN_PATH_RE = re.compile(rf"(?:^|/)({_OBJECTIVE_PREFIX}alpha~[^/]+/tau~[^/]+/seed~[^/]+)/")
 
 
 def format_value(value: float) -> str:
@@ -24,31 +34,62 @@ def format_value(value: float) -> str:
     return repr(float(value))
 
 
-def cell_path(alpha: float, tau: float, seed: int) -> str:
-    return CELL_WILDCARDS.format(alpha=format_value(alpha), tau=format_value(tau), seed=int(seed))
+def cell_path(alpha: float, tau: float, seed: int, **objectives: float) -> str:
+    """The cell's path; ``objectives`` are objective-axis values (0: off, not named in the path)."""
+    unknown = sorted(set(objectives) - set(OBJECTIVE_AXES))
+    if unknown:
+        raise ValueError(f"not an objective axis: {', '.join(unknown)} (axes: {', '.join(OBJECTIVE_AXES)})")
+    prefix = "".join(f"{axis}~{format_value(objectives[axis])}/" for axis in OBJECTIVE_AXES
+                     if objectives.get(axis, 0) != 0)
+    return f"{prefix}alpha~{format_value(alpha)}/tau~{format_value(tau)}/seed~{int(seed)}"
 
 
-def grid_cells(alphas, taus, seeds) -> list[str]:
-    """Every cell of the grid, alpha-major (adding a value adds only the new cells)."""
-    return [cell_path(a, t, s) for a, t, s in itertools.product(alphas, taus, seeds)]
+def grid_cells(grid: dict) -> list[str]:
+    """Every cell of the grid (keys alpha, tau, seed and any objective axes), alpha-major; adding a value adds only
+    the new cells."""
+    axes = [axis for axis in OBJECTIVE_AXES if axis in grid]
+    cells = []
+    for alpha, tau, seed, *values in itertools.product(grid["alpha"], grid["tau"], grid["seed"],
+                                                       *(grid[axis] for axis in axes)):
+        cells.append(cell_path(alpha, tau, seed, **dict(zip(axes, values))))
+    return list(dict.fromkeys(cells))
 
 
 def parse_cell(cell: str) -> dict:
-    """``alpha~5.0/tau~0.05/seed~1`` -> {"alpha": 5.0, "tau": 0.05, "seed": 1}; baseline -> {}."""
+    """``feature_anchor_weight~1.0/alpha~5.0/tau~0.05/seed~1`` -> {"alpha": 5.0, "tau": 0.05, "seed": 1,
+    "feature_anchor_weight": 1.0} (objective axes only when named); baseline -> {}."""
     if cell == BASELINE:
         return {}
     match = _CELL_RE.match(cell)
     if match is None:
-        raise ValueError(f"not a grid cell path: {cell!r} (expected alpha~A/tau~T/seed~S or {BASELINE!r})")
-    return {"alpha": float(match["alpha"]), "tau": float(match["tau"]), "seed": int(match["seed"])}
+        raise ValueError(f"not a grid cell path: {cell!r} (expected [objective~W/]alpha~A/tau~T/seed~S or "
+                         f"{BASELINE!r})")
+    values = {"alpha": float(match["alpha"]), "tau": float(match["tau"]), "seed": int(match["seed"])}
+    for segment in filter(None, match["objectives"].split("/")):
+        axis, value = segment.split("~", 1)
+        values[axis] = float(value)
+    return values
+
+
+def objectives_of(cell: str) -> dict[str, float]:
+    """The objective-axis values a cell names ({} for the seed's loss and the baseline)."""
+    return {axis: value for axis, value in parse_cell(cell).items() if axis in OBJECTIVE_AXES}
 
 
 def control_cell(cell: str) -> str | None:
-    """The alpha = 0 cell with the same tau and seed (None for the baseline)."""
+    """The alpha = 0 cell with the same tau, seed and objectives (None for the baseline)."""
     if cell == BASELINE:
         return None
     values = parse_cell(cell)
-    return cell_path(0.0, values["tau"], values["seed"])
+    return cell_path(**{**values, "alpha": 0.0})
+
+
+def unregularised_cell(cell: str) -> str | None:
+    """The same alpha, tau and seed trained with the seed's loss alone; None when ``cell`` is that one already."""
+    values = parse_cell(cell)
+    if cell == BASELINE or not objectives_of(cell):
+        return None
+    return cell_path(values["alpha"], values["tau"], values["seed"])
 
 
 def cell_in_path(path: str) -> str | None:

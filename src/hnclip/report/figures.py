@@ -18,13 +18,14 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from hnclip.pipeline.grid import BASELINE, parse_cell
+from hnclip.pipeline.grid import BASELINE, OBJECTIVE_AXES, objectives_of, parse_cell
 from hnclip.report.style import (
     DOUBLE_COLUMN_IN, LINESTYLES, MARKERS, OKABE_ITO, PALETTE, ROLE_COLOURS, SEQUENTIAL_CMAP, SINGLE_COLUMN_IN,
     mark_partial, new_figure, save_figure, thesis_style,
 )
 from hnclip.report.summary import aggregate_over_seeds, setting_of
-from hnclip.report.tables import display_scale, display_unit, format_value, key_columns
+from hnclip.report.objectives import objectives_figure
+from hnclip.report.tables import display_scale, display_unit, format_value, key_columns, objectives_label
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +331,8 @@ def _logs_by_setting(train_logs: Mapping[str, str | os.PathLike]) -> dict[str, l
     """Baseline first, then settings by (alpha, tau); each with its seeds' logs in seed order."""
     def order(model: str) -> tuple:
         cell = parse_cell(model)
-        return (model != BASELINE, cell.get("alpha", 0.0), cell.get("tau", 0.0), cell.get("seed", 0))
+        return (model != BASELINE, *(cell.get(axis, 0.0) for axis in OBJECTIVE_AXES), cell.get("alpha", 0.0),
+                cell.get("tau", 0.0), cell.get("seed", 0))
     grouped: dict[str, list[tuple[str, pd.DataFrame]]] = {}
     for model in sorted(train_logs, key=order):
         seed = "" if model == BASELINE else f"seed {parse_cell(model)['seed']}"
@@ -342,7 +344,8 @@ def _setting_title(setting: str) -> str:
     if setting == BASELINE:
         return "baseline"
     alpha, tau = alpha_tau(setting)
-    return f"α = {alpha:g}, τ = {tau:g}"
+    objectives = objectives_label(setting)
+    return f"α = {alpha:g}, τ = {tau:g}" + (f"; {objectives}" if objectives else "")
 
 
 def running_mean(values: pd.Series, fraction: float = SMOOTHING_FRACTION) -> pd.Series:
@@ -401,15 +404,20 @@ def write_figures(
     *,
     partial_note: str | None = None,
 ) -> list[Path]:
-    """Draw every figure the summary and logs allow into ``out_dir``; returns the files written."""
-    aggregate = aggregate_over_seeds(summary)
+    """Draw every figure the summary and logs allow into ``out_dir``; returns the files written.
+
+    The alpha x tau figures show the seed's loss (and the baseline); the cells that add an objective are compared
+    with them in the ``objectives`` figure, and their training curves are drawn with the others."""
+    seed_loss = summary[summary["model"].map(lambda model: model == BASELINE or not objectives_of(model))]
+    aggregate = aggregate_over_seeds(seed_loss)
     written: list[Path] = []
     with thesis_style():
         builders = [(spec.stem, lambda spec=spec: heatmap_figure(aggregate, spec, partial_note)) for spec in HEATMAPS]
         builders += [
             ("type_groups", lambda: type_group_figure(aggregate, partial_note)),
             ("compositional", lambda: compositional_figure(aggregate, partial_note)),
-            ("tradeoff", lambda: tradeoff_figure(summary, partial_note)),
+            ("tradeoff", lambda: tradeoff_figure(seed_loss, partial_note)),
+            ("objectives", lambda: objectives_figure(summary, partial_note)),
             ("training_curves", lambda: training_curves_figure(train_logs, partial_note)),
         ]
         for stem, build in builders:

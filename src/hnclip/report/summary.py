@@ -15,20 +15,21 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from hnclip.pipeline.grid import BASELINE, cell_in_path, parse_cell
+from hnclip.pipeline.grid import BASELINE, OBJECTIVE_AXES, cell_in_path, parse_cell
 from hnclip.io import atomic_path, write_json
 from hnclip.provenance import provenance
 
 log = logging.getLogger(__name__)
 
+# the objective axes: a cell's weight of each objective beside the seed's loss (0: off; empty for the baseline)
 SUMMARY_COLUMNS = (
-    "model", "alpha", "tau", "seed", "benchmark", "subset", "metric", "value", "ci_low", "ci_high", "n",
-    "delta_vs_baseline", "p_vs_baseline", "delta_vs_control", "p_vs_control",
+    "model", "alpha", "tau", "seed", *OBJECTIVE_AXES, "benchmark", "subset", "metric", "value", "ci_low", "ci_high",
+    "n", "delta_vs_baseline", "p_vs_baseline", "delta_vs_control", "p_vs_control",
 )
 ROW_KEY = ("model", "benchmark", "subset", "metric")
 TEXT_COLUMNS = ("model", "benchmark", "subset", "metric")
 FLOAT_COLUMNS = (
-    "alpha", "tau", "value", "ci_low", "ci_high",
+    "alpha", "tau", *OBJECTIVE_AXES, "value", "ci_low", "ci_high",
     "delta_vs_baseline", "p_vs_baseline", "delta_vs_control", "p_vs_control",
 )
 INT_COLUMNS = ("seed", "n")
@@ -127,10 +128,11 @@ def read_result_file(path: str | os.PathLike) -> tuple[str, list[dict], dict]:
 
 def _summary_records(model: str, rows: list[dict]) -> list[dict]:
     cell = parse_cell(model)
+    objectives = {axis: None if model == BASELINE else cell.get(axis, 0.0) for axis in OBJECTIVE_AXES}
     return [
         {
             **{column: row.get(column) for column in SUMMARY_COLUMNS},
-            "alpha": cell.get("alpha"), "tau": cell.get("tau"), "seed": cell.get("seed"),
+            "alpha": cell.get("alpha"), "tau": cell.get("tau"), "seed": cell.get("seed"), **objectives,
         }
         for row in rows
     ]
@@ -155,9 +157,11 @@ def _rank(values: pd.Series, order: Sequence[str]) -> pd.Series:
 
 
 def sort_summary(summary: pd.DataFrame) -> pd.DataFrame:
-    """Baseline first, then alpha, tau, seed; within a model benchmark, subset, metric."""
+    """Baseline first, then the seed's loss before other objectives, alpha, tau, seed; within a model benchmark,
+    subset, metric."""
     keys = pd.DataFrame({
         "not_baseline": (summary["model"] != BASELINE).astype(int),
+        **{axis: summary[axis] for axis in OBJECTIVE_AXES},
         "alpha": summary["alpha"], "tau": summary["tau"], "seed": summary["seed"],
         "benchmark_rank": _rank(summary["benchmark"], BENCHMARK_ORDER), "benchmark": summary["benchmark"],
         "subset_rank": _rank(summary["subset"], SUBSET_ORDER), "subset": summary["subset"],
@@ -264,7 +268,7 @@ def partial_note(missing: Sequence[tuple[str, str]], expected_models: Sequence[s
 # --- aggregation over seeds ----------------------------------------------------------------------
 
 def setting_of(model: str) -> str:
-    """The grid setting a model belongs to: 'baseline' or ``alpha~A/tau~T`` (the seed dropped)."""
+    """The grid setting a model belongs to: 'baseline' or ``[objective~W/]alpha~A/tau~T`` (the seed dropped)."""
     return model if model == BASELINE else model.rsplit("/", 1)[0]
 
 
@@ -289,7 +293,8 @@ def aggregate_over_seeds(summary: pd.DataFrame) -> pd.DataFrame:
     )
     grouped = frame.groupby(["setting", "benchmark", "subset", "metric"], sort=False, dropna=False)
     result = grouped.agg(
-        alpha=("alpha", "first"), tau=("tau", "first"), n_seeds=("model", "nunique"),
+        alpha=("alpha", "first"), tau=("tau", "first"), **{axis: (axis, "first") for axis in OBJECTIVE_AXES},
+        n_seeds=("model", "nunique"),
         value=("value", "mean"), value_min=("value", "min"), value_max=("value", "max"),
         single_ci_low=("ci_low", "first"), single_ci_high=("ci_high", "first"),
         envelope_low=("low_or_value", "min"), envelope_high=("high_or_value", "max"),

@@ -1,7 +1,7 @@
 """Comparison tables per benchmark (CSV, Markdown, LaTeX/booktabs), views of the summary table.
 
-Rows: the baseline, the alpha = 0 control(s), then every (alpha, tau) setting, each aggregated over
-seeds (``summary.aggregate_over_seeds``). Columns: the benchmark's key metrics/subsets, each with its
+Rows: the baseline, the alpha = 0 control(s), then every (alpha, tau) setting, then the same for each objective
+setting beside the seed's loss (a regulariser's weight, the preference mix), each aggregated over seeds (``summary.aggregate_over_seeds``). Columns: the benchmark's key metrics/subsets, each with its
 delta vs the baseline and vs the control and significance marks. Numbers are formatted in one place,
 ``format_value``.
 """
@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from hnclip.pipeline.grid import BASELINE
+from hnclip.pipeline.grid import BASELINE, OBJECTIVE_AXES, objectives_of
 from hnclip.io import atomic_path, write_text
 from hnclip.data.leakage import CLEAN_SUFFIX
 from hnclip.report.summary import SUBSET_ORDER, aggregate_over_seeds, setting_of
@@ -120,11 +120,12 @@ def key_columns(summary: pd.DataFrame, benchmark: str) -> list[Column]:
 
 
 def _ordered_settings(aggregate: pd.DataFrame) -> list[str]:
-    """Baseline, the alpha = 0 controls by tau, then every other setting by (alpha, tau)."""
-    settings = aggregate.drop_duplicates("setting")[["setting", "alpha", "tau"]]
+    """Baseline, then per objective setting (the seed's loss first) the alpha = 0 controls by tau and every other
+    setting by (alpha, tau)."""
+    settings = aggregate.drop_duplicates("setting")[["setting", "alpha", "tau", *OBJECTIVE_AXES]]
     baseline = [BASELINE] if (settings["setting"] == BASELINE).any() else []
     grid = settings[settings["setting"] != BASELINE].assign(not_control=lambda f: f["alpha"] != 0.0)
-    grid = grid.sort_values(["not_control", "alpha", "tau"], kind="mergesort")
+    grid = grid.sort_values([*OBJECTIVE_AXES, "not_control", "alpha", "tau"], kind="mergesort")
     return baseline + grid["setting"].tolist()
 
 
@@ -144,6 +145,7 @@ def comparison_table(summary: pd.DataFrame, benchmark: str, columns: Sequence[Co
         "setting": settings,
         "alpha": [firsts.at[s, "alpha"] for s in settings],
         "tau": [firsts.at[s, "tau"] for s in settings],
+        **{axis: [firsts.at[s, axis] for s in settings] for axis in _swept_axes(aggregate)},
         "n_seeds": [int(seeds[s]) for s in settings],  # the baseline counts as its one model
     })
     stats = ("value", "ci_low", "ci_high", "delta_vs_baseline", "p_vs_baseline", "delta_vs_control", "p_vs_control")
@@ -156,16 +158,33 @@ def comparison_table(summary: pd.DataFrame, benchmark: str, columns: Sequence[Co
     return table
 
 
+def _swept_axes(aggregate: pd.DataFrame) -> list[str]:
+    """The objective axes some setting turns on: the tables of a run without them keep their columns."""
+    return [axis for axis in OBJECTIVE_AXES if (aggregate[axis].fillna(0) != 0).any()]
+
+
 # --- display -----------------------------------------------------------------------------------
 
+OBJECTIVE_LABELS = {"l2_sp_weight": "L2-SP", "distillation_weight": "distillation",
+                    "feature_anchor_weight": "feature anchor", "preference_mix": "preference mix"}
+
+
+def objectives_label(setting: str) -> str:
+    """'feature anchor 1, L2-SP 0.1' for the objectives a setting turns on; '' for the seed's loss alone."""
+    if setting == BASELINE:
+        return ""
+    return ", ".join(f"{OBJECTIVE_LABELS[axis]} {value:g}" for axis, value in objectives_of(f"{setting}/seed~0").items())
+
+
 def setting_label(setting: str, alpha: float, tau: float, *, latex: bool = False) -> str:
-    """'baseline', 'control (τ = 0.05)' or 'α = 5, τ = 0.05'; with ``latex`` ready to typeset."""
+    """'baseline', 'control (τ = 0.05)' or 'α = 5, τ = 0.05', followed by '; feature anchor 1' when the setting
+    adds objectives; with ``latex`` ready to typeset."""
     if setting == BASELINE:
         return "baseline"
     a, t = (r"$\alpha$", r"$\tau$") if latex else ("α", "τ")
-    if alpha == 0.0:
-        return f"control ({t} = {tau:g})"
-    return f"{a} = {alpha:g}, {t} = {tau:g}"
+    label = f"control ({t} = {tau:g})" if alpha == 0.0 else f"{a} = {alpha:g}, {t} = {tau:g}"
+    objectives = objectives_label(setting)
+    return f"{label}; {objectives}" if objectives else label
 
 
 def column_label(metric: str, subset: str, columns: Sequence[Column]) -> str:
@@ -305,8 +324,8 @@ def write_tables(
     columns: Mapping[str, Sequence[Column]] | None = None,
 ) -> list[Path]:
     """``{out_dir}/{benchmark}.csv|.md|.tex`` per benchmark with rows in the summary (others are skipped
-    with a warning: ``check_complete`` decides whether that is an error). ``columns`` overrides
-    ``key_columns`` per benchmark."""
+    with a warning: ``check_complete`` decides whether that is an error), and ``objectives.csv|.md`` when the run
+    sweeps an objective (``hnclip.report.objectives``). ``columns`` overrides ``key_columns`` per benchmark."""
     out_dir = Path(out_dir)
     written: list[Path] = []
     for benchmark in benchmarks:
@@ -320,4 +339,13 @@ def write_tables(
         write_text(paths[1], to_markdown(table, chosen, title=benchmark, partial_note=partial_note))
         write_text(paths[2], to_latex(table, chosen, source=benchmark, partial_note=partial_note))
         written += paths
+    if objectives_swept(summary):
+        from hnclip.report.objectives import write_objective_tables
+
+        written += write_objective_tables(summary, out_dir, partial_note)
     return written
+
+
+def objectives_swept(summary: pd.DataFrame) -> bool:
+    """Whether some model of the summary adds an objective to the seed's loss."""
+    return bool((summary[list(OBJECTIVE_AXES)].fillna(0) != 0).any().any())
