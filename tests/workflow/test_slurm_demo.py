@@ -102,9 +102,8 @@ def cell_log(workdir: Path, cell: str) -> Path:
 
 
 def slurm_log(workdir: Path, cell: str, job_id: str) -> Path:
-    """Where the profile's slurm-logdir puts a finetune job's log: rule_finetune/<wildcard values>/<id>.log."""
-    values = "_".join(part.split("~", 1)[1] for part in cell.split("/"))
-    return workdir / "logs" / "slurm" / "rule_finetune" / values / f"{job_id}.log"
+    """Where the profile's slurm-logdir puts a finetune job's log: rule_finetune/<cell, '/' as '_'>/<id>.log."""
+    return workdir / "logs" / "slurm" / "rule_finetune" / cell.replace("/", "_") / f"{job_id}.log"
 
 
 def cell_state(workdir: Path, cell: str) -> Path:
@@ -174,10 +173,11 @@ def submissions(snakemake_output: str) -> dict[str, Path]:
 
 
 def cell_of_job(details: dict[str, str]) -> str:
-    """The grid cell of a finetune job, from the comment the plugin sets (rule_finetune_wildcards_2.0_0.05_0)."""
-    match = re.fullmatch(r"rule_finetune_wildcards_([^_]+)_([^_]+)_(\d+)", details["Comment"].strip())
+    """The grid cell of a finetune job, from the comment the plugin sets: its cell wildcard with '/' as '_'
+    (rule_finetune_wildcards_alpha~2.0_tau~0.05_seed~0)."""
+    match = re.fullmatch(r"rule_finetune_wildcards_(alpha~[^_]+)_(tau~[^_]+)_(seed~\d+)", details["Comment"].strip())
     assert match, details["Comment"]
-    return f"alpha~{match[1]}/tau~{match[2]}/seed~{match[3]}"
+    return "/".join(match.groups())
 
 
 def wait_for_state_step(

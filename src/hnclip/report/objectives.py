@@ -7,6 +7,7 @@ effect on that run; the table and figure give its mean over seeds and the range 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -132,8 +133,11 @@ def objectives_figure(summary: pd.DataFrame, partial_note: str | None = None) ->
     measures = [measure for measure in MEASURES if measure[3] in set(effects["measure"])]
     settings = list(dict.fromkeys(effects["setting"]))
     colours = [PALETTE[i % len(PALETTE)] for i in range(len(settings))]
-    figure = new_figure(DOUBLE_COLUMN_IN, 2.6)
-    axes_list = figure.subplots(1, len(measures), squeeze=False)[0]
+    columns = math.ceil(len(measures) / 2)
+    figure = new_figure(DOUBLE_COLUMN_IN, 3.6 + 0.15 * len(settings))
+    axes_list = figure.subplots(2, columns, squeeze=False).flatten()
+    for unused in axes_list[len(measures):]:
+        unused.remove()
     for axes, (_, metric, _, label) in zip(axes_list, measures):
         rows = effects[effects["measure"] == label].set_index("setting").reindex(settings)
         change, low, high = (rows[key].to_numpy(dtype=float) * display_scale(metric)
@@ -142,10 +146,10 @@ def objectives_figure(summary: pd.DataFrame, partial_note: str | None = None) ->
                  color=colours, error_kw={"elinewidth": 0.7, "ecolor": "black"})
         axes.axhline(0, color="grey", linewidth=0.6)
         axes.set_xticks([])
-        axes.set_title(f"Δ {label}{_change_unit(metric)}", fontsize=7)
+        axes.set_title(f"Δ {label}{_change_unit(metric)}")
     handles = [Patch(color=colour, label=_legend(effects, setting)) for colour, setting in zip(colours, settings)]
-    figure.legend(handles=handles, loc="outside lower center", ncols=min(3, len(settings)))
-    figure.suptitle("Each objective against the same cell without it (mean over seeds, bars: seed range)")
+    figure.legend(handles=handles, loc="outside lower center", ncols=1 if len(settings) > 4 else 2)
+    figure.suptitle("Each objective against the same cell without it\n(mean over seeds, whiskers: seed range)")
     mark_partial(figure, partial_note)
     return figure
 
