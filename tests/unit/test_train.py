@@ -350,3 +350,23 @@ def test_teacher_terms_need_the_hnc_loss_and_a_mix_between_0_and_1():
         TrainSettings(**_settings(preference_mix=1.5))
     with pytest.raises(ValueError, match="need loss='hnc'"):
         TrainSettings(**_settings(loss="clip", distillation_weight=1.0))
+
+
+@pytest.mark.parametrize("towers, moved, kept", [("vision", "visual.", "transformer."), ("text", "transformer.", "visual.")])
+def test_one_trained_tower_leaves_the_other_bit_identical(shard, tmp_path, towers, moved, kept):
+    before, after, _ = _trained(shard, tmp_path, train_towers=towers)
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith(moved))
+    assert all(torch.equal(before[n], after[n]) for n in before if n.startswith(kept))
+    assert torch.equal(before["logit_scale"], after["logit_scale"])
+
+
+def test_training_the_text_tower_alone_warns_that_llava_sees_no_change(caplog):
+    from hnclip.models import create_clip
+
+    model, _, _ = create_clip("hnclip-tiny")
+    with caplog.at_level("WARNING"):
+        trained = trainable_parameters(model, "text")
+    assert "LLaVA evaluation will see the baseline's features" in caplog.text
+    assert trained and not any(p.requires_grad for p in model.visual.parameters())
+    with pytest.raises(ValueError, match="train_towers must be one of both, vision, text"):
+        trainable_parameters(model, "image")

@@ -272,7 +272,7 @@ def finetune_footprint(config: dict, clip: ClipShape) -> Footprint:
     if f["grad_checkpointing"]:  # plus one block's full activations while it is recomputed
         vision += clip.vision_tokens * clip.vision_width * ACTIVATION_BYTES
         text += captions * clip.text_context * clip.text_width * ACTIVATION_BYTES
-    trainable = clip.params if f["train_towers"] == "both" else clip.vision_params
+    trainable = {"both": clip.params, "vision": clip.vision_params, "text": clip.text_params}[f["train_towers"]]
     weights_optimizer = 16 * trainable + 4 * (clip.params - trainable)  # fp32 weights, grads, two Adam moments
     gpu = (weights_optimizer + graph_batch * (vision + text)) / MB + CUDA_OVERHEAD_MB
     if _teacher_cells(config):  # the frozen baseline's fp32 weights, its forward of the whole batch, its patches

@@ -26,11 +26,14 @@ def write_summary(result_files: Sequence, out_csv, *, models, benchmarks, allow_
 
 
 def write_tables_from_summary(summary_csv, out_dir, *, models, benchmarks, allow_partial: bool) -> None:
+    from hnclip.report.objectives import objective_effects, write_objective_tables
     from hnclip.report.tables import write_tables
 
     summary = read_summary(summary_csv)
     note = _completeness_note(summary, models, benchmarks, allow_partial)
     written = write_tables(summary, out_dir, benchmarks=benchmarks, partial_note=note)
+    if not objective_effects(summary).empty:  # some cell adds an objective, and its twin is in the summary
+        written += write_objective_tables(summary, out_dir, note)
     log.info("wrote %d table files", len(written))
 
 

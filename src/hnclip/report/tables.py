@@ -324,8 +324,8 @@ def write_tables(
     columns: Mapping[str, Sequence[Column]] | None = None,
 ) -> list[Path]:
     """``{out_dir}/{benchmark}.csv|.md|.tex`` per benchmark with rows in the summary (others are skipped
-    with a warning: ``check_complete`` decides whether that is an error), and ``objectives.csv|.md`` when the run
-    sweeps an objective (``hnclip.report.objectives``). ``columns`` overrides ``key_columns`` per benchmark."""
+    with a warning: ``check_complete`` decides whether that is an error). ``columns`` overrides ``key_columns`` per
+    benchmark."""
     out_dir = Path(out_dir)
     written: list[Path] = []
     for benchmark in benchmarks:
@@ -339,13 +339,4 @@ def write_tables(
         write_text(paths[1], to_markdown(table, chosen, title=benchmark, partial_note=partial_note))
         write_text(paths[2], to_latex(table, chosen, source=benchmark, partial_note=partial_note))
         written += paths
-    if objectives_swept(summary):
-        from hnclip.report.objectives import write_objective_tables
-
-        written += write_objective_tables(summary, out_dir, partial_note)
     return written
-
-
-def objectives_swept(summary: pd.DataFrame) -> bool:
-    """Whether some model of the summary adds an objective to the seed's loss."""
-    return bool((summary[list(OBJECTIVE_AXES)].fillna(0) != 0).any().any())

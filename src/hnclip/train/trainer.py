@@ -108,6 +108,7 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
 VISION_BLOCK = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.")
 TEXT_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.")
 PROJECTIONS = ("visual.proj", "text_projection")
+TOWERS = ("both", "vision", "text")
 
 
 def _block_counts(names: list[str]) -> dict[str, int]:
@@ -132,8 +133,14 @@ def _before_last_blocks(name: str, counts: dict[str, int], last_n: int) -> bool:
 def trainable_parameters(
     model: torch.nn.Module, towers: str, *, last_n: int | None = None, freeze_projections: bool = False,
 ) -> list[torch.nn.Parameter]:
-    """Freeze what must not train: the temperature always (tau is fixed per cell), the text tower if asked, with
-    ``last_n`` everything before each trained tower's last N blocks, with ``freeze_projections`` the projections."""
+    """Freeze what must not train: the temperature always (tau is fixed per cell), the tower ``towers`` leaves out
+    ("both", "vision" or "text"), with ``last_n`` everything before each trained tower's last N blocks, with
+    ``freeze_projections`` the projections."""
+    if towers not in TOWERS:
+        raise ValueError(f"train_towers must be one of {', '.join(TOWERS)}, got {towers!r}")
+    if towers == "text":
+        log.warning("train_towers = text leaves the vision tower, all that LLaVA reads, as it was: the LLaVA "
+                    "evaluation will see the baseline's features")
     names = [name for name, _ in model.named_parameters()]
     counts = _block_counts(names)
     if last_n is not None and not 1 <= last_n <= min(c for c in counts.values() if c):
@@ -143,7 +150,8 @@ def trainable_parameters(
                     "takes the penultimate layer): the LLaVA evaluation will see the baseline's features")
     selected = []
     for name, parameter in model.named_parameters():
-        trained = not name.startswith("logit_") and (towers == "both" or name.startswith("visual."))
+        vision = name.startswith("visual.")
+        trained = not name.startswith("logit_") and (towers == "both" or (towers == "vision") == vision)
         if last_n is not None and _before_last_blocks(name, counts, last_n):
             trained = False
         if freeze_projections and name in PROJECTIONS:
