@@ -19,7 +19,9 @@ def test_both_shipped_configs_validate(schema):
 
 def test_defaults_fill_every_described_key(schema):
     completed = validate_config({"run_name": "mine"}, schema)
-    assert completed["finetune"]["grid"] == {"alpha": [0.0, 1.0, 5.0], "tau": [0.05, 0.1], "seed": [0, 1, 2]}
+    assert completed["finetune"]["grid"] == {"alpha": [0.0, 1.0, 5.0], "tau": [0.05, 0.1], "seed": [0, 1, 2],
+                                             "l2_sp_weight": [0.0], "distillation_weight": [0.0],
+                                             "feature_anchor_weight": [0.0], "preference_mix": [0.0]}
     assert completed["resources"]["finetune"] == {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0}
 
 
@@ -91,3 +93,14 @@ def test_config_strings_become_numbers_through_one_of_branches():
     assert completed(llava={"chunks": "2"})["llava"]["chunks"] == 2
     assert completed(llava={"chunks": "auto"})["llava"]["chunks"] == "auto"
     assert completed(resources={"vqa": {"mem_mb": "12000"}})["resources"]["vqa"]["mem_mb"] == 12000
+
+
+def test_an_objective_is_set_in_the_grid_or_in_finetune_not_both(schema):
+    from hnclip.pipeline.grid import grid_cells
+
+    grid = {"alpha": [1.0], "tau": [0.05], "seed": [0]}
+    fixed = validate_config({"run_name": "r", "finetune": {"grid": grid, "l2_sp_weight": 0.5}}, schema)
+    assert grid_cells(fixed["finetune"]["grid"]) == ["alpha~1.0/tau~0.05/seed~0"]  # the default [0.0] sweeps nothing
+    with pytest.raises(ConfigError, match="finetune.l2_sp_weight: is 0.5 and also swept by finetune.grid.l2_sp_weight"):
+        validate_config({"run_name": "r", "finetune": {"grid": {**grid, "l2_sp_weight": [0.0, 1.0]},
+                                                      "l2_sp_weight": 0.5}}, schema)

@@ -201,6 +201,7 @@ def test_control_cell_skips_hard_negatives_without_changing_the_loss():
     for extra_features in (extra, None):
         trainer = object.__new__(Trainer)
         trainer.settings = TrainSettings(**_settings(alpha=0.0))
+        trainer._teacher_features = None  # no teacher term
         loss, parts = trainer._loss({"image": image, "text": text, "hard": None, "extra": extra_features, "ids": ids})
         expected = hnc_contrastive_loss(image, text, hard, alpha=0.0, tau=0.07, extra_negative_features=extra_features,
                                         image_ids=ids)

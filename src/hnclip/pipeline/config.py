@@ -161,9 +161,10 @@ def check_datasets_available(config: dict) -> None:
 
 
 def check_objective_axes(config: dict) -> None:
-    """An objective swept by the grid is set there only: a finetune value beside it would be silently ignored."""
+    """An objective swept by the grid (some value not 0) is set there only: a finetune value beside it would be
+    silently ignored by the swept cells and used by the axis's 0 cells."""
     finetune = config["finetune"]
-    both = [axis for axis in OBJECTIVE_AXES if axis in finetune["grid"] and finetune[axis] != 0]
+    both = [axis for axis in OBJECTIVE_AXES if any(finetune["grid"].get(axis, [0])) and finetune[axis] != 0]
     if both:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(
             f"config key finetune.{axis}: is {finetune[axis]} and also swept by finetune.grid.{axis}; set it in one "
