@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from hnclip.pipeline.config import ConfigError, validate_config
 from hnclip.llava.prompt import prompt_variant
 from hnclip.data.compositional import SUGARCREPE_CATEGORIES
-from hnclip.pipeline.config import compositional_benchmarks
+from hnclip.pipeline.config import compositional_benchmarks, objective_warnings
 from hnclip.pipeline.estimate import rule_resources, vqa_chunks
 from hnclip.pipeline.grid import (
     CELL_WILDCARD,
@@ -167,7 +167,7 @@ DOWNLOAD_MARKERS.update(
 IS_DEMO = config["data_source"] == "synth"
 # The compositionality benchmarks evaluated (a gated one is skipped, with a message, when no token can fetch it).
 COMPOSITIONAL, COMPOSITIONAL_SKIPPED = compositional_benchmarks(config)
-for message in COMPOSITIONAL_SKIPPED:
+for message in COMPOSITIONAL_SKIPPED + objective_warnings(config):
     print(message, file=sys.stderr)
 GRID = config["finetune"]["grid"]
 CELLS = grid_cells(GRID)

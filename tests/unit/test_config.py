@@ -104,3 +104,17 @@ def test_an_objective_is_set_in_the_grid_or_in_finetune_not_both(schema):
     with pytest.raises(ConfigError, match="finetune.l2_sp_weight: is 0.5 and also swept by finetune.grid.l2_sp_weight"):
         validate_config({"run_name": "r", "finetune": {"grid": {**grid, "l2_sp_weight": [0.0, 1.0]},
                                                       "l2_sp_weight": 0.5}}, schema)
+
+
+def test_a_preference_loss_alone_warns_that_alpha_trains_identical_cells(schema):
+    from hnclip.pipeline.config import objective_warnings
+
+    grid = {"alpha": [0.0, 5.0], "tau": [0.05], "seed": [0]}
+    alone = validate_config({"run_name": "r", "finetune": {"grid": {**grid, "preference_mix": [0.0, 1.0]}}}, schema)
+    assert objective_warnings(alone) == ["finetune: preference_mix 1 gives the contrastive loss, and with it alpha, no "
+                                         "weight: the cells with preference_mix 1 and alpha in [0.0, 5.0] train to the "
+                                         "same weights"]
+    mixed = validate_config({"run_name": "r", "finetune": {"grid": grid, "preference_mix": 0.5}}, schema)
+    assert objective_warnings(mixed) == []
+    assert objective_warnings(validate_config({"run_name": "r", "finetune": {"grid": grid, "preference_mix": 1.0}},
+                                              schema))

@@ -298,7 +298,8 @@ def test_teacher_terms_start_from_the_students_own_values_and_are_logged_apart(s
     first = records[0]
     # in eval mode without a graph the teacher's attention takes PyTorch's fused inference kernel: equal to the
     # student's to float32 rounding, not bit for bit
-    assert first["distillation"] == pytest.approx(0.0, abs=1e-6) and first["feature_anchor"] == pytest.approx(0.0, abs=1e-9)
+    assert first["distillation"] == pytest.approx(0.0, abs=1e-6)
+    assert first["feature_anchor"] == pytest.approx(0.0, abs=1e-9)
     assert first["preference"] == pytest.approx(math.log(2), abs=1e-6)
     assert records[-1]["distillation"] > 0 and records[-1]["feature_anchor"] > 0
     assert records[-1]["preference"] != pytest.approx(math.log(2), abs=1e-6)
@@ -353,7 +354,8 @@ def test_teacher_terms_need_the_hnc_loss_and_a_mix_between_0_and_1():
         TrainSettings(**_settings(loss="clip", distillation_weight=1.0))
 
 
-@pytest.mark.parametrize("towers, moved, kept", [("vision", "visual.", "transformer."), ("text", "transformer.", "visual.")])
+@pytest.mark.parametrize("towers, moved, kept",
+                         [("vision", "visual.", "transformer."), ("text", "transformer.", "visual.")])
 def test_one_trained_tower_leaves_the_other_bit_identical(shard, tmp_path, towers, moved, kept):
     before, after, _ = _trained(shard, tmp_path, train_towers=towers)
     assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith(moved))

@@ -227,7 +227,8 @@ def test_micro_demo_runs_every_stage(micro_run):
         stored = {p.name for p in (workdir / f"results/demo/llava/{model}").iterdir()} - {".snakemake_timestamp"}
         assert stored == {"vision_tower.safetensors", "llava_delta.json", "export.json"}
     summary = (workdir / "results/demo/tables/summary.csv").read_text().splitlines()
-    assert summary[0].startswith("model,alpha,tau,seed,benchmark,subset,metric,value")
+    assert summary[0].startswith("model,alpha,tau,seed,l2_sp_weight,distillation_weight,feature_anchor_weight,"
+                                 "preference_mix,benchmark,subset,metric,value")
     for name in ["hnc_test.tex", "vqav2.md", "textvqa.csv"]:
         assert (workdir / "results/demo/tables" / name).stat().st_size > 0
     assert (workdir / "results/demo/figures/heatmap_hnc_relation.pdf").read_bytes().startswith(b"%PDF")

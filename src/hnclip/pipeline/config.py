@@ -171,6 +171,18 @@ def check_objective_axes(config: dict) -> None:
             "place" for axis in both))
 
 
+def objective_warnings(config: dict) -> list[str]:
+    """What a valid config does that its author may not mean: with ``preference_mix`` 1 the contrastive loss has no
+    weight, so cells that differ only in alpha train to the same weights."""
+    finetune = config["finetune"]
+    swept = finetune["grid"]["preference_mix"]
+    mixes = swept if any(swept) else [finetune["preference_mix"]]
+    if 1.0 in mixes and len(finetune["grid"]["alpha"]) > 1:
+        return ["finetune: preference_mix 1 gives the contrastive loss, and with it alpha, no weight: the cells with "
+                f"preference_mix 1 and alpha in {finetune['grid']['alpha']} train to the same weights"]
+    return []
+
+
 GATED_BENCHMARKS = {"winoground": "facebook/winoground"}
 
 
