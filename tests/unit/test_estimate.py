@@ -36,6 +36,11 @@ def test_thesis_estimate_counts_every_job_and_hours():
     assert costs["finetune"].gpu_hours == pytest.approx(cells * (5000 * 256 / samples_per_s + 120) / 3600)
     # one VQA job per model answers both datasets: 20,000 VQA v2 + 5,000 TextVQA questions
     assert costs["vqa"].jobs == cells + 1 and costs["vqa"].items_per_job == 25000
+    # HNC test, zero-shot and drift images, then SugarCrepe's COCO images, ARO's crops and order-set images, and
+    # Winoground's image pairs
+    assert costs["evaluate_encoder"].items_per_job == 11100 + 5000 + (23937 + 28748 + 5000 + 1000) + 800
+    without = {c.stage: c for c in stage_costs(_thesis(evaluate__compositional=[]))}
+    assert without["evaluate_encoder"].items_per_job == 11100
     table = format_estimate(list(costs.values()))
     assert table.splitlines()[-1].startswith("total")
 

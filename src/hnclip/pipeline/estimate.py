@@ -53,8 +53,13 @@ VQA_PROMPT_TOKENS = 120
 DOWNLOAD_GB = {
     "GQA images": 20.3, "HNC train/val/test JSON": 9.3, "COCO val2014 images": 6.6, "TextVQA train/val images": 7.1,
     "VQA v2 / TextVQA questions, OCR": 0.5, "CIFAR-100": 0.2, "CLIP ViT-L-14-336 (OpenAI)": 0.9,
-    "llava-1.5-7b-hf": 14.1,
+    "llava-1.5-7b-hf": 14.1, "COCO val2017 images (SugarCrepe)": 0.8,
 }
+# Distinct images (or image crops) each compositionality benchmark encodes per model, from the published sets:
+# SugarCrepe's pairs use at most COCO val2017's 5,000 images; ARO crops one Visual Genome region per VG-Relation
+# (23,937) and VG-Attribution (28,748) item and scores the COCO (5,000) and Flickr30k (1,000) test images against
+# their order perturbations; Winoground has two images per example (400). Captions cost a small share beside them.
+COMPOSITIONAL_IMAGES = {"sugarcrepe": 5_000, "aro": 23_937 + 28_748 + 5_000 + 1_000, "winoground": 800}
 # The largest archive that sits beside its extraction for a moment (GQA's images.zip).
 LARGEST_ARCHIVE_GB = 21.8
 
@@ -169,6 +174,13 @@ def _teacher_cells(config: dict) -> int:
                for cell in grid_cells(finetune["grid"]))
 
 
+def evaluation_images(config: dict) -> int:
+    """Images one encoder evaluation encodes: HNC test, zero-shot and drift sets, and the compositionality
+    benchmarks the run evaluates."""
+    compositional = config["evaluate"]["compositional"]
+    return config["estimate"]["eval_images"] + sum(COMPOSITIONAL_IMAGES.get(b, 0) for b in compositional)
+
+
 def vqa_question_counts(config: dict) -> dict[str, int]:
     estimate = config["estimate"]
     vqav2 = config["preprocess"]["vqa_subsample"] or estimate["vqav2_questions"]
@@ -215,7 +227,7 @@ def stage_costs(config: dict) -> list[StageCost]:
     ]
     return [
         *finetune_lines,
-        StageCost("evaluate_encoder", models, estimate["eval_images"], estimate["eval_images_per_s"], load),
+        StageCost("evaluate_encoder", models, evaluation_images(config), estimate["eval_images_per_s"], load),
         StageCost("vqa", models * chunks, math.ceil(sum(vqa_question_counts(config).values()) / chunks),
                   estimate["vqa_questions_per_s"], load),
     ]
