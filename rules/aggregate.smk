@@ -41,6 +41,7 @@ rule tables:
         models=MODELS,
         benchmarks=BENCHMARKS,
         allow_partial=config["report"]["allow_partial"],
+        objectives=OBJECTIVES_COMPARED,
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
     script:
         "../workflow_scripts/tables.py"
@@ -64,6 +65,7 @@ rule figures:
         models=MODELS,
         benchmarks=BENCHMARKS,
         allow_partial=config["report"]["allow_partial"],
+        objectives=OBJECTIVES_COMPARED,
         train_logs=train_logs(),
         out_dir=lambda wildcards, output: str(Path(output[0]).parent),
     script:

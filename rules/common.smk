@@ -14,6 +14,7 @@ from hnclip.pipeline.grid import (
     CELL_WILDCARD,
     MODEL_WILDCARD,
     control_cell,
+    effective_grid,
     grid_cells,
     parse_cell,
     unregularised_cell,
@@ -170,7 +171,7 @@ COMPOSITIONAL, COMPOSITIONAL_SKIPPED = compositional_benchmarks(config)
 for message in COMPOSITIONAL_SKIPPED + objective_warnings(config):
     print(message, file=sys.stderr)
 GRID = config["finetune"]["grid"]
-CELLS = grid_cells(GRID)
+CELLS = grid_cells(effective_grid(config["finetune"]))
 MODELS = ["baseline"] + CELLS
 
 
@@ -285,16 +286,14 @@ def finetune_settings(wildcards):
     )
 
 
-# The objectives beside the seed's loss, passed only when set: a run that uses none keeps the params (and so the
-# results) it had before they existed.
-OBJECTIVE_DEFAULTS = {
+# The training settings beside the seed's loss, passed only when set: a run that uses none keeps the params (and so
+# the results) it had before they existed. The objectives' weights (OBJECTIVE_AXES) come from the cell's path alone,
+# which names every non-zero one (hnclip.pipeline.grid.effective_grid), so a path never trains other objectives
+# than it names.
+TRAINING_DEFAULTS = {
     "alpha_ramp_steps": 0,
-    "l2_sp_weight": 0,
     "train_last_n": None,
     "freeze_projections": False,
-    "distillation_weight": 0,
-    "feature_anchor_weight": 0,
-    "preference_mix": 0,
     "preference_beta": None,
 }
 
@@ -302,7 +301,7 @@ OBJECTIVE_DEFAULTS = {
 def objective_settings():
     f = config["finetune"]
     return {
-        key: f[key] for key, default in OBJECTIVE_DEFAULTS.items() if f[key] != default
+        key: f[key] for key, default in TRAINING_DEFAULTS.items() if f[key] != default
     }
 
 

@@ -11,6 +11,7 @@ def main(smk):
         models=smk.params.models,
         benchmarks=smk.params.benchmarks,
         allow_partial=smk.params.allow_partial,
+        objectives=smk.params.objectives,
     )
 
 

@@ -127,7 +127,7 @@ def encode_image_with_patches(model: torch.nn.Module, images: torch.Tensor) -> t
     captured: list[torch.Tensor] = []
 
     def keep_block_input(_module, args, kwargs):
-        if not captured:  # activation checkpointing calls the block again in backward: keep the forward's input
+        if not captured:  # the forward's own call (the hook is gone before a checkpointed backward recomputes it)
             captured.append(_block_input(args, kwargs))
 
     handle = visual.transformer.resblocks[-1].register_forward_pre_hook(keep_block_input, with_kwargs=True)

@@ -118,3 +118,14 @@ def test_a_preference_loss_alone_warns_that_alpha_trains_identical_cells(schema)
     assert objective_warnings(mixed) == []
     assert objective_warnings(validate_config({"run_name": "r", "finetune": {"grid": grid, "preference_mix": 1.0}},
                                               schema))
+
+
+def test_an_anchor_on_features_nothing_trains_warns(schema):
+    from hnclip.pipeline.config import objective_warnings
+
+    grid = {"alpha": [5.0], "tau": [0.05], "seed": [0], "feature_anchor_weight": [0.0, 1.0]}
+    for frozen in ({"train_towers": "text"}, {"train_last_n": 1}):
+        config = validate_config({"run_name": "r", "finetune": {"grid": grid, **frozen}}, schema)
+        assert any("feature anchor holds penultimate features that cannot move" in w
+                   for w in objective_warnings(config)), frozen
+    assert objective_warnings(validate_config({"run_name": "r", "finetune": {"grid": grid}}, schema)) == []

@@ -26,6 +26,7 @@ def _loss_and_gradients(shard, state_dir, rank=0, world_size=1, objectives=None)
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
     batch = trainer.batches.batch(0, rank, world_size)
     trainer._teacher_features = trainer._teach(batch)
+    trainer._set_anchor_rank_share(batch)
     loss, _, _ = trainer._forward_backward(batch)
     from hnclip.train.distributed import average_gradients
 

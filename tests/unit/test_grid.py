@@ -67,3 +67,26 @@ def test_an_objective_cell_round_trips_and_is_compared_with_its_control_and_twin
     assert re.fullmatch(CELL_WILDCARD, cell) and re.fullmatch(MODEL_WILDCARD, cell)
     assert not re.fullmatch(CELL_WILDCARD, "dropout~0.1/alpha~5.0/tau~0.05/seed~1")
     assert not re.fullmatch(CELL_WILDCARD, "baseline")
+
+
+def test_a_cell_has_one_spelling_and_finite_values():
+    for other in ("alpha~5/tau~0.05/seed~0", "feature_anchor_weight~0.0/alpha~5.0/tau~0.05/seed~0",
+                  "preference_mix~0.5/l2_sp_weight~1.0/alpha~5.0/tau~0.05/seed~0",
+                  "l2_sp_weight~1.0/l2_sp_weight~2.0/alpha~5.0/tau~0.05/seed~0"):
+        with pytest.raises(ValueError, match="its values are spelled"):
+            parse_cell(other)
+    with pytest.raises(ValueError, match="must be a finite number, got feature_anchor_weight inf"):
+        cell_path(1.0, 0.05, 0, feature_anchor_weight=float("inf"))
+
+
+def test_an_objective_set_for_every_cell_is_named_in_every_path():
+    from hnclip.pipeline.grid import effective_grid
+
+    finetune = {"grid": {"alpha": [0.0, 5.0], "tau": [0.05], "seed": [0], "feature_anchor_weight": [0.0, 2.0]},
+                "distillation_weight": 1.0, "l2_sp_weight": 0.0}
+    assert grid_cells(effective_grid(finetune)) == [
+        "distillation_weight~1.0/alpha~0.0/tau~0.05/seed~0",
+        "distillation_weight~1.0/feature_anchor_weight~2.0/alpha~0.0/tau~0.05/seed~0",
+        "distillation_weight~1.0/alpha~5.0/tau~0.05/seed~0",
+        "distillation_weight~1.0/feature_anchor_weight~2.0/alpha~5.0/tau~0.05/seed~0",
+    ]

@@ -462,3 +462,17 @@ def test_objective_tables_and_figure_are_written_and_the_grid_figures_keep_the_s
         assert [a.get_title() for a in drawn[stem].axes] == [a.get_title() for a in plain[stem].axes]
         assert [t.get_text() for a in drawn[stem].axes for t in a.texts] == [
             t.get_text() for a in plain[stem].axes for t in a.texts]
+
+
+def test_the_objectives_table_orders_settings_by_their_weights_and_says_when_it_has_no_pair(tmp_path, summary,
+                                                                                            objective_summary):
+    from hnclip.report.objectives import NO_PAIRS, objective_effects, objectives_figure, write_objective_tables
+
+    effects = objective_effects(objective_summary)
+    assert effects["feature_anchor_weight"].unique().tolist() == [2.0]
+    assert list(dict.fromkeys(effects["setting"])) == [
+        f"feature_anchor_weight~2.0/alpha~{a}/tau~{t}" for a in ALPHAS for t in TAUS]  # numeric, then alpha, tau
+    csv_path, md_path = write_objective_tables(summary, tmp_path / "none")  # no regularised cell at all
+    assert pd.read_csv(csv_path).empty and NO_PAIRS in md_path.read_text()
+    assert objectives_figure(summary) is None
+    assert objectives_figure(summary, required=True).texts[0].get_text() == NO_PAIRS

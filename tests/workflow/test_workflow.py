@@ -95,6 +95,15 @@ def test_an_imported_evalai_score_becomes_an_input_of_the_summary(tmp_path):
     assert "results/thesis/vqa/baseline/vqav2_testdev/evalai_scores.json" in summary_inputs
 
 
+def test_an_objective_set_for_every_cell_is_named_in_every_cell_path(tmp_path):
+    """finetune.distillation_weight set once trains every cell with it: the cells get their own paths, beside the
+    seed's-loss cells an earlier run may have trained, never over them."""
+    output = run_snakemake("-n", "--directory", str(tmp_path), *DEMO, "--config",
+                           "finetune={distillation_weight: 1.0, grid: {feature_anchor_weight: [0.0]}}").stdout
+    cells = set(re.findall(r"wildcards: cell=(\S+)", output))
+    assert len(cells) == 9 and all(cell.startswith("distillation_weight~1.0/alpha~") for cell in cells), cells
+
+
 def test_vqav2_testdev_in_the_demo_is_a_config_error_naming_the_key(tmp_path):
     result = run_snakemake("-n", "--directory", str(tmp_path), *DEMO,
                            "--config", 'llava={"datasets": ["vqav2_testdev"]}', check=False)

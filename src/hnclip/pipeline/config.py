@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from hnclip.pipeline.grid import OBJECTIVE_AXES
+from hnclip.pipeline.grid import OBJECTIVE_AXES, effective_grid
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SCHEMA_PATH = REPO_ROOT / "config.schema.yaml"
@@ -173,14 +173,20 @@ def check_objective_axes(config: dict) -> None:
 
 def objective_warnings(config: dict) -> list[str]:
     """What a valid config does that its author may not mean: with ``preference_mix`` 1 the contrastive loss has no
-    weight, so cells that differ only in alpha train to the same weights."""
+    weight, so cells that differ only in alpha train to the same weights; a feature anchor on features nothing
+    trains."""
     finetune = config["finetune"]
-    swept = finetune["grid"]["preference_mix"]
-    mixes = swept if any(swept) else [finetune["preference_mix"]]
-    if 1.0 in mixes and len(finetune["grid"]["alpha"]) > 1:
-        return ["finetune: preference_mix 1 gives the contrastive loss, and with it alpha, no weight: the cells with "
-                f"preference_mix 1 and alpha in {finetune['grid']['alpha']} train to the same weights"]
-    return []
+    grid = effective_grid(finetune)
+    warnings = []
+    if 1.0 in grid["preference_mix"] and len(grid["alpha"]) > 1:
+        warnings.append("finetune: preference_mix 1 gives the contrastive loss, and with it alpha, no weight: the cells "
+                        f"with preference_mix 1 and alpha in {grid['alpha']} train to the same weights")
+    frozen_penultimate = finetune["train_towers"] == "text" or finetune["train_last_n"] == 1
+    if any(grid["feature_anchor_weight"]) and frozen_penultimate:
+        warnings.append("finetune: the feature anchor holds penultimate features that cannot move (train_towers "
+                        f"{finetune['train_towers']}, train_last_n {finetune['train_last_n']}): it only costs a "
+                        "teacher pass")
+    return warnings
 
 
 GATED_BENCHMARKS = {"winoground": "facebook/winoground"}

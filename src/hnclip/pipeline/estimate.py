@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from hnclip.pipeline.grid import grid_cells, objectives_of
+from hnclip.pipeline.grid import TEACHER_AXES, effective_grid, grid_cells, objectives_of
 
 MB = 1e6
 
@@ -159,19 +159,17 @@ class StageCost:
         return self.jobs * (self.items_per_job / self.items_per_s + self.overhead_s_per_job) / 3600
 
 
+def _cell_paths(config: dict) -> list[str]:
+    return grid_cells(effective_grid(config["finetune"]))
+
+
 def _cells(config: dict) -> int:
-    return len(grid_cells(config["finetune"]["grid"]))
-
-
-TEACHER_KEYS = ("distillation_weight", "feature_anchor_weight", "preference_mix")
+    return len(_cell_paths(config))
 
 
 def _teacher_cells(config: dict) -> int:
-    """Cells that train against a frozen copy of the baseline (hnclip.train.objectives): the grid's objective axes
-    override the finetune keys."""
-    finetune = config["finetune"]
-    return sum(any({**finetune, **objectives_of(cell)}.get(key, 0) > 0 for key in TEACHER_KEYS)
-               for cell in grid_cells(finetune["grid"]))
+    """Cells that train against a frozen copy of the baseline (hnclip.train.objectives)."""
+    return sum(any(objectives_of(cell).get(axis, 0) > 0 for axis in TEACHER_AXES) for cell in _cell_paths(config))
 
 
 def evaluation_images(config: dict) -> int:

@@ -1,9 +1,10 @@
 """The fine-tuning grid: cells named ``alpha~{a}/tau~{t}/seed~{s}`` with plain Python floats, preceded by one
-directory per objective axis whose value is not 0 (``feature_anchor_weight~1.0/alpha~5.0/tau~0.05/seed~0``).
+directory per objective whose weight is not 0 (``feature_anchor_weight~1.0/alpha~5.0/tau~0.05/seed~0``).
 
-An objective axis (``OBJECTIVE_AXES``: a regulariser's weight or the preference mix) is swept like alpha and tau;
-at 0 the term is off and the cell is the seed's, with the path it always had: adding an axis to a grid keeps the
-cells it already trained and adds only the new ones.
+An objective (``OBJECTIVE_AXES``: a regulariser's weight or the preference mix) is swept by the grid like alpha and
+tau, or set once for every cell by its ``finetune`` key; either way the path names it, so a cell's path always says
+which objectives trained it. At 0 the term is off and the cell is the seed's, with the path it always had: adding an
+axis to a grid keeps the cells it already trained and adds only the new ones.
 
 The one place that knows a cell's path: the rules constrain the ``cell`` and ``model`` wildcards with
 ``CELL_WILDCARD`` and ``MODEL_WILDCARD``; the trainer, evaluation and aggregation go through ``cell_path``,
@@ -13,11 +14,14 @@ The one place that knows a cell's path: the rules constrain the ``cell`` and ``m
 from __future__ import annotations
 
 import itertools
+import math
 import re
 
 BASELINE = "baseline"
 # The objectives a grid may sweep (hnclip.train.objectives), in the order their directories nest.
 OBJECTIVE_AXES = ("l2_sp_weight", "distillation_weight", "feature_anchor_weight", "preference_mix")
+# The objectives that compare the student with a frozen copy of the baseline (a teacher pass per step).
+TEACHER_AXES = ("distillation_weight", "feature_anchor_weight", "preference_mix")
 _NUMBER = r"[0-9.e+-]+"
 _OBJECTIVE_PREFIX = rf"(?:(?:{'|'.join(OBJECTIVE_AXES)})~{_NUMBER}/)*"
 # the cell wildcard (a cell spans three directories, more with objective axes) and the model wildcard
@@ -39,9 +43,23 @@ def cell_path(alpha: float, tau: float, seed: int, **objectives: float) -> str:
     unknown = sorted(set(objectives) - set(OBJECTIVE_AXES))
     if unknown:
         raise ValueError(f"not an objective axis: {', '.join(unknown)} (axes: {', '.join(OBJECTIVE_AXES)})")
+    infinite = [f"{name} {value}" for name, value in (("alpha", alpha), ("tau", tau), *objectives.items())
+                if not math.isfinite(float(value))]
+    if infinite:
+        raise ValueError(f"a grid value must be a finite number, got {', '.join(infinite)}")
     prefix = "".join(f"{axis}~{format_value(objectives[axis])}/" for axis in OBJECTIVE_AXES
                      if objectives.get(axis, 0) != 0)
     return f"{prefix}alpha~{format_value(alpha)}/tau~{format_value(tau)}/seed~{int(seed)}"
+
+
+def effective_grid(finetune: dict) -> dict:
+    """``finetune.grid`` with each objective it does not sweep (absent or [0.0]) set to the ``finetune`` key's
+    value, so that the cells' paths name every objective that trains them."""
+    grid = dict(finetune["grid"])
+    for axis in OBJECTIVE_AXES:
+        if not any(grid.get(axis, [0.0])):
+            grid[axis] = [finetune.get(axis, 0.0)]
+    return grid
 
 
 def grid_cells(grid: dict) -> list[str]:
@@ -68,6 +86,8 @@ def parse_cell(cell: str) -> dict:
     for segment in filter(None, match["objectives"].split("/")):
         axis, value = segment.split("~", 1)
         values[axis] = float(value)
+    if cell_path(**values) != cell:  # one path per cell: a second spelling would train the same cell twice
+        raise ValueError(f"not a grid cell path: {cell!r} (its values are spelled {cell_path(**values)!r})")
     return values
 
 

@@ -403,11 +403,13 @@ def write_figures(
     out_dir: str | os.PathLike,
     *,
     partial_note: str | None = None,
+    objectives: bool = False,
 ) -> list[Path]:
     """Draw every figure the summary and logs allow into ``out_dir``; returns the files written.
 
     The alpha x tau figures show the seed's loss (and the baseline); the cells that add an objective are compared
-    with them in the ``objectives`` figure, and their training curves are drawn with the others."""
+    with them in the ``objectives`` figure (drawn, if only to say it has no pair, when ``objectives``: the run
+    declared it), and their training curves are drawn with the others."""
     seed_loss = summary[summary["model"].map(lambda model: model == BASELINE or not objectives_of(model))]
     aggregate = aggregate_over_seeds(seed_loss)
     written: list[Path] = []
@@ -417,7 +419,7 @@ def write_figures(
             ("type_groups", lambda: type_group_figure(aggregate, partial_note)),
             ("compositional", lambda: compositional_figure(aggregate, partial_note)),
             ("tradeoff", lambda: tradeoff_figure(seed_loss, partial_note)),
-            ("objectives", lambda: objectives_figure(summary, partial_note)),
+            ("objectives", lambda: objectives_figure(summary, partial_note, required=objectives)),
             ("training_curves", lambda: training_curves_figure(train_logs, partial_note)),
         ]
         for stem, build in builders:

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from hnclip.io import atomic_path, write_text
-from hnclip.pipeline.grid import BASELINE, parse_cell, unregularised_cell
+from hnclip.pipeline.grid import BASELINE, OBJECTIVE_AXES, parse_cell, unregularised_cell
 from hnclip.report.style import DOUBLE_COLUMN_IN, PALETTE, mark_partial, new_figure
 from hnclip.report.summary import setting_of
 from hnclip.report.tables import display_scale, display_unit, format_value, objectives_label
@@ -32,8 +32,9 @@ MEASURES = (
     ("vqav2", "accuracy", "all", "VQA v2"),
     ("textvqa", "accuracy", "all", "TextVQA"),
 )
-COLUMNS = ("setting", "objectives", "alpha", "tau", "reference_setting", "benchmark", "metric", "subset", "measure",
-           "value", "reference_value", "change", "change_min", "change_max", "n_seeds")
+COLUMNS = ("setting", "objectives", *OBJECTIVE_AXES, "alpha", "tau", "reference_setting", "benchmark", "metric",
+           "subset", "measure", "value", "reference_value", "change", "change_min", "change_max", "n_seeds")
+NO_PAIRS = "No cell that adds an objective has its twin (same alpha, tau and seed, the seed's loss alone) in the summary."
 
 
 def paired_changes(summary: pd.DataFrame) -> pd.DataFrame:
@@ -70,9 +71,9 @@ def objective_effects(summary: pd.DataFrame) -> pd.DataFrame:
                           n_seeds=("model", "nunique")).reset_index()
     cells = effects["setting"].map(lambda setting: parse_cell(f"{setting}/seed~0"))
     effects = effects.assign(objectives=effects["setting"].map(objectives_label),
-                             alpha=[cell["alpha"] for cell in cells], tau=[cell["tau"] for cell in cells])
+                             **{key: [cell.get(key, 0.0) for cell in cells] for key in (*OBJECTIVE_AXES, "alpha", "tau")})
     order = {label: rank for rank, (*_, label) in enumerate(MEASURES)}
-    effects = effects.sort_values(["objectives", "alpha", "tau", "measure"], key=lambda column: (
+    effects = effects.sort_values([*OBJECTIVE_AXES, "alpha", "tau", "measure"], key=lambda column: (
         column.map(order) if column.name == "measure" else column), kind="mergesort")
     return effects[list(COLUMNS)].reset_index(drop=True)
 
@@ -97,6 +98,8 @@ def to_markdown(effects: pd.DataFrame, partial_note: str | None = None) -> str:
     lines = ["# What each objective changed against the same cell without it", ""]
     if partial_note:
         lines += [f"**{partial_note}**", ""]
+    if effects.empty:
+        return "\n".join([*lines, NO_PAIRS]) + "\n"
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for setting, rows in effects.groupby("setting", sort=False):
         by_measure = rows.set_index("measure")
@@ -124,12 +127,14 @@ def write_objective_tables(summary: pd.DataFrame, out_dir: str | os.PathLike,
     return [csv_path, md_path]
 
 
-def objectives_figure(summary: pd.DataFrame, partial_note: str | None = None) -> Figure | None:
+def objectives_figure(summary: pd.DataFrame, partial_note: str | None = None, *,
+                      required: bool = False) -> Figure | None:
     """One panel per measure: each regularised setting's change against its unregularised twin, the mean over seeds
-    with bars spanning the seeds."""
+    with bars spanning the seeds. Without a pair: None, or (``required``: the run declared the figure) a figure that
+    says so."""
     effects = objective_effects(summary)
     if effects.empty:
-        return None
+        return _no_pairs_figure(partial_note) if required else None
     measures = [measure for measure in MEASURES if measure[3] in set(effects["measure"])]
     settings = list(dict.fromkeys(effects["setting"]))
     colours = [PALETTE[i % len(PALETTE)] for i in range(len(settings))]
@@ -157,3 +162,10 @@ def objectives_figure(summary: pd.DataFrame, partial_note: str | None = None) ->
 def _legend(effects: pd.DataFrame, setting: str) -> str:
     first = effects[effects["setting"] == setting].iloc[0]
     return f"{first['objectives']}; α = {first['alpha']:g}, τ = {first['tau']:g} ({int(first['n_seeds'])} seeds)"
+
+
+def _no_pairs_figure(partial_note: str | None) -> Figure:
+    figure = new_figure(DOUBLE_COLUMN_IN, 1.2)
+    figure.text(0.5, 0.5, NO_PAIRS, ha="center", va="center", wrap=True)
+    mark_partial(figure, partial_note)
+    return figure

@@ -25,27 +25,31 @@ def write_summary(result_files: Sequence, out_csv, *, models, benchmarks, allow_
     log.info("summary: %d rows from %d result files", len(summary), len(result_files))
 
 
-def write_tables_from_summary(summary_csv, out_dir, *, models, benchmarks, allow_partial: bool) -> None:
+def write_tables_from_summary(summary_csv, out_dir, *, models, benchmarks, allow_partial: bool,
+                              objectives: bool = False) -> None:
+    """The per-benchmark tables, and the objectives table when the run declares it (``objectives``) or the summary
+    pairs a regularised cell with its twin."""
     from hnclip.report.objectives import objective_effects, write_objective_tables
     from hnclip.report.tables import write_tables
 
     summary = read_summary(summary_csv)
     note = _completeness_note(summary, models, benchmarks, allow_partial)
     written = write_tables(summary, out_dir, benchmarks=benchmarks, partial_note=note)
-    if not objective_effects(summary).empty:  # some cell adds an objective, and its twin is in the summary
+    if objectives or not objective_effects(summary).empty:
         written += write_objective_tables(summary, out_dir, note)
     log.info("wrote %d table files", len(written))
 
 
 def write_figures_from_summary(
-    summary_csv, train_logs: Mapping[str, str], out_dir, *, models, benchmarks, allow_partial: bool
+    summary_csv, train_logs: Mapping[str, str], out_dir, *, models, benchmarks, allow_partial: bool,
+    objectives: bool = False,
 ) -> None:
     from hnclip.report.figures import write_figures
 
     summary = read_summary(summary_csv)
     note = _completeness_note(summary, models, benchmarks, allow_partial)
     logs = {cell: path for cell, path in train_logs.items() if Path(path).exists()}
-    written = write_figures(summary, logs, out_dir, partial_note=note)
+    written = write_figures(summary, logs, out_dir, partial_note=note, objectives=objectives)
     log.info("wrote %d figure files", len(written))
 
 

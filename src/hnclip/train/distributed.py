@@ -37,6 +37,15 @@ def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     return collectives.all_gather_single_autograd(features.contiguous(), 0, dist.group.WORLD)
 
 
+def global_count(count: int, device: torch.device) -> int:
+    """The sum of ``count`` over ranks (``count`` itself in one process)."""
+    if not is_distributed():
+        return count
+    total = torch.tensor([count], device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return int(total.item())
+
+
 def average_gradients(parameters) -> None:
     """Average gradients over ranks.
 

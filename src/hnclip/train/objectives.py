@@ -15,6 +15,7 @@ import copy
 import torch
 
 from hnclip.losses import caption_similarities
+from hnclip.pipeline.grid import TEACHER_AXES
 from hnclip.regularisers import distillation_kl, preference_loss
 
 __all__ = ["TEACHER_TERMS", "frozen_teacher", "uses_teacher", "needs_teacher_captions", "add_teacher_terms",
@@ -24,7 +25,7 @@ TEACHER_TERMS = ("distillation", "feature_anchor", "preference")
 
 
 def uses_teacher(settings) -> bool:
-    return settings.distillation_weight > 0 or settings.feature_anchor_weight > 0 or settings.preference_mix > 0
+    return any(getattr(settings, axis) > 0 for axis in TEACHER_AXES)
 
 
 def needs_teacher_captions(settings) -> bool:

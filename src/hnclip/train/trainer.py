@@ -25,7 +25,7 @@ from tqdm import tqdm
 from hnclip.io import atomic_path
 from hnclip.loader import ImageFiles, default_loader_workers, image_batches
 from hnclip.losses import hard_negative_accuracy, hnc_contrastive_loss, plain_clip_loss
-from hnclip.models import encode_image_with_patches
+from hnclip.models import encode_image_with_patches, penultimate_patch_tokens
 from hnclip.regularisers import alpha_at_step, feature_anchor, l2_sp
 from hnclip.train import distributed
 from hnclip.train.checkpoint import load_state, save_state
@@ -196,6 +196,7 @@ class Trainer:
         self._initial: list[torch.Tensor] | None = None  # L2-SP's anchor, set up by setup()
         self.teacher: torch.nn.Module | None = None  # the frozen starting weights, set up by setup()
         self._teacher_features: dict | None = None  # the teacher's features of the current step's batch
+        self._anchor_rank_share = 1.0  # see _set_anchor_rank_share
         self._stop_signal: int | None = None
         self._stream: Iterator[Batch] | None = None
         self._stream_step: int | None = None  # the step the open stream yields next
@@ -300,6 +301,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._alpha = alpha_at_step(s.alpha, step + 1, ramp_steps=s.alpha_ramp_steps)
         self._teacher_features = self._teach(batch)
+        if s.feature_anchor_weight > 0:
+            self._set_anchor_rank_share(batch)
         loss, parts, features = self._forward_backward(batch)
         parts["l2_sp"] = self._l2_sp_backward()
         distributed.average_gradients(self.parameters)
@@ -333,7 +336,7 @@ class Trainer:
                 if anchored:
                     parts["feature_anchor"] = feature_anchor(features.pop("patches"),
                                                              self._teacher_features["patches"])
-                    loss = loss + s.feature_anchor_weight * parts["feature_anchor"]
+                    loss = loss + s.feature_anchor_weight * self._anchor_rank_share * parts["feature_anchor"]
             loss.backward()
             return float(loss.detach()), {key: value.detach() for key, value in parts.items()}, features
         result = micro_batched_backward(
@@ -347,7 +350,7 @@ class Trainer:
         )
         loss, parts = float(result.loss), dict(result.parts)
         if anchored:
-            parts["feature_anchor"] = result.penalty / s.feature_anchor_weight
+            parts["feature_anchor"] = result.penalty / (s.feature_anchor_weight * self._anchor_rank_share)
             loss += float(result.penalty)
         return loss, parts, result.features
 
@@ -357,10 +360,18 @@ class Trainer:
         return lambda images: self.model.encode_image(self._to_device(images))
 
     def _anchor_share(self, patches: torch.Tensor, rows: slice) -> torch.Tensor:
-        """The weighted feature anchor of one micro-batch's rows, as their share of the rank's mean over rows."""
+        """The weighted feature anchor of one micro-batch's rows, as their share of the rank's mean over rows (times
+        ``_rank_share``)."""
         reference = self._teacher_features["patches"][rows]
         share = feature_anchor(patches, reference) * (reference.shape[0] / len(self._teacher_features["patches"]))
-        return self.settings.feature_anchor_weight * share
+        return self.settings.feature_anchor_weight * self._anchor_rank_share * share
+
+    def _set_anchor_rank_share(self, batch: Batch) -> None:
+        """world size x this rank's share of the global rows: each rank's anchor is the mean over its own rows, and
+        averaging the gradients over ranks then weighs every image of the global batch alike, even when the rows
+        do not split evenly. 1 in one process."""
+        rows = len(batch.image_ids)
+        self._anchor_rank_share = self.world_size * rows / distributed.global_count(rows, self.device)
 
     def _teach(self, batch: Batch) -> dict | None:
         """The frozen baseline's features of the batch (None without a teacher term): what distillation and the
@@ -371,8 +382,9 @@ class Trainer:
             return None
         s = self.settings
         with torch.no_grad(), self._autocast():
-            return self._encode_batch(batch, self.teacher, with_patches=s.feature_anchor_weight > 0,
-                                      with_captions=needs_teacher_captions(s))
+            if not needs_teacher_captions(s):  # the anchor alone: the blocks up to the penultimate layer suffice
+                return {"patches": penultimate_patch_tokens(self.teacher, self._to_device(batch.images))}
+            return self._encode_batch(batch, self.teacher, with_patches=s.feature_anchor_weight > 0)
 
     def _l2_sp_backward(self) -> float | None:
         """Add L2-SP's gradient (weighted) to the step's; returns the unweighted distance, None when it is off."""
@@ -385,9 +397,10 @@ class Trainer:
     @property
     def _uses_hard_negatives(self) -> bool:
         # the plain CLIP loss (demo baseline) and alpha = 0 (the control) give hard negatives no weight: do not pay
-        # to encode them, unless the preference loss ranks them
+        # to encode them, unless the preference loss ranks them or distillation matches them (at every alpha, so
+        # that a distilled control matches the same distribution as the distilled cells beside it)
         s = self.settings
-        return s.loss == "hnc" and (s.alpha > 0 or s.preference_mix > 0)
+        return s.loss == "hnc" and (s.alpha > 0 or s.preference_mix > 0 or s.distillation_weight > 0)
 
     def _batch(self, step: int) -> Batch:
         """The step's batch, from a stream whose loader workers read the next steps' images meanwhile (pinned on a
