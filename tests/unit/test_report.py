@@ -443,9 +443,9 @@ def test_objective_effects_are_the_paired_changes_against_the_twin_cells(objecti
 
 def test_objective_tables_and_figure_are_written_and_the_grid_figures_keep_the_seeds_loss(
         tmp_path, summary, objective_summary, train_logs, monkeypatch):
-    from hnclip.report.objectives import write_objective_tables
+    from hnclip.report.objectives import objective_effects, write_objective_tables
 
-    csv_path, md_path = write_objective_tables(objective_summary, tmp_path / "tables")
+    csv_path, md_path = write_objective_tables(objective_effects(objective_summary), tmp_path / "tables")
     assert len(pd.read_csv(csv_path)) == len(ALPHAS) * len(TAUS) * 7  # every measure of every anchored setting
     markdown = md_path.read_text()
     assert "| feature anchor 2; α = 5, τ = 0.05 | seed's loss alone | 2 | -1.5 [-2.0, -1.0] |" in markdown
@@ -472,7 +472,7 @@ def test_the_objectives_table_orders_settings_by_their_weights_and_says_when_it_
     assert effects["feature_anchor_weight"].unique().tolist() == [2.0]
     assert list(dict.fromkeys(effects["setting"])) == [
         f"feature_anchor_weight~2.0/alpha~{a}/tau~{t}" for a in ALPHAS for t in TAUS]  # numeric, then alpha, tau
-    csv_path, md_path = write_objective_tables(summary, tmp_path / "none")  # no regularised cell at all
+    csv_path, md_path = write_objective_tables(objective_effects(summary), tmp_path / "none")  # no regularised cell at all
     assert pd.read_csv(csv_path).empty and NO_PAIRS in md_path.read_text()
     assert objectives_figure(summary) is None
     assert objectives_figure(summary, required=True).texts[0].get_text() == NO_PAIRS

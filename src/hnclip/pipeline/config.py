@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from hnclip.pipeline.grid import OBJECTIVE_AXES, effective_grid
+from hnclip.pipeline.grid import effective_grid, swept_axes
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SCHEMA_PATH = REPO_ROOT / "config.schema.yaml"
@@ -164,7 +164,7 @@ def check_objective_axes(config: dict) -> None:
     """An objective swept by the grid (some value not 0) is set there only: a finetune value beside it would be
     silently ignored by the swept cells and used by the axis's 0 cells."""
     finetune = config["finetune"]
-    both = [axis for axis in OBJECTIVE_AXES if any(finetune["grid"].get(axis, [0])) and finetune[axis] != 0]
+    both = [axis for axis in swept_axes(finetune["grid"]) if finetune[axis] != 0]
     if both:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(
             f"config key finetune.{axis}: is {finetune[axis]} and also swept by finetune.grid.{axis}; set it in one "

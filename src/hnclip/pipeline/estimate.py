@@ -285,18 +285,25 @@ def finetune_footprint(config: dict, clip: ClipShape) -> Footprint:
     trainable = {"both": clip.params, "vision": clip.vision_params, "text": clip.text_params}[f["train_towers"]]
     weights_optimizer = 16 * trainable + 4 * (clip.params - trainable)  # fp32 weights, grads, two Adam moments
     gpu = (weights_optimizer + graph_batch * (vision + text)) / MB + CUDA_OVERHEAD_MB
-    if _teacher_cells(config):  # the frozen baseline's fp32 weights, its forward of the whole batch, its patches
-        gpu += (4 * clip.params + 8 * per_rank * clip.vision_tokens * clip.vision_width * 4
+    teacher_cells = _teacher_cells(config)
+    if teacher_cells:  # the frozen baseline's fp32 weights, its forward of the whole batch, its bf16 patches
+        gpu += (4 * clip.params + _forward_only_bytes(per_rank, clip)
                 + per_rank * clip.vision_tokens * clip.vision_width * 2) / MB
     workers = _loader_workers(config, "finetune")
     loader = workers * (LOADER_WORKER_MB + PREFETCH_BATCHES * _image_batch_mb(per_rank, clip.image_size))
     host = gpus * (PROCESS_BASE_MB + 2 * 4 * clip.params / MB + _train_pairs(config) * TRAIN_BYTES_PER_PAIR / MB
                    + _cached_train_images_mb(config, clip) + loader)
     state = 16 * trainable / MB  # weights and Adam moments of the resume state, while the cell runs
-    teacher = f"; frozen teacher in {_teacher_cells(config)} cell(s)" if _teacher_cells(config) else ""
+    teacher = f"; frozen teacher in {teacher_cells} cell(s)" if teacher_cells else ""
     return Footprint("finetune", "finetune", _cells(config), host, gpu, 4 * clip.params / MB,
                      f"per-rank batch {per_rank}, graph batch {graph_batch}{teacher}; +{state / 1e3:.1f} GB resume "
                      "state while running")
+
+
+def _forward_only_bytes(images: int, clip: ClipShape) -> float:
+    """A forward pass without a graph: one layer's activations at a time, a few float32 copies of the residual
+    stream."""
+    return 8 * images * clip.vision_tokens * clip.vision_width * 4
 
 
 def evaluate_footprint(config: dict, clip: ClipShape) -> Footprint:
@@ -304,8 +311,7 @@ def evaluate_footprint(config: dict, clip: ClipShape) -> Footprint:
     workers = _loader_workers(config, "evaluate")
     host = (PROCESS_BASE_MB + 2 * 4 * clip.params / MB
             + workers * (LOADER_WORKER_MB + PREFETCH_BATCHES * _image_batch_mb(batch, clip.image_size)))
-    # forward only: one layer's activations at a time, a few copies of the residual stream
-    gpu = (4 * clip.params + 8 * batch * clip.vision_tokens * clip.vision_width * 4) / MB + CUDA_OVERHEAD_MB
+    gpu = (4 * clip.params + _forward_only_bytes(batch, clip)) / MB + CUDA_OVERHEAD_MB
     return Footprint("evaluate_encoder", "evaluate", _cells(config) + 1, host, gpu, 1.0)
 
 

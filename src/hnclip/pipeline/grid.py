@@ -52,12 +52,18 @@ def cell_path(alpha: float, tau: float, seed: int, **objectives: float) -> str:
     return f"{prefix}alpha~{format_value(alpha)}/tau~{format_value(tau)}/seed~{int(seed)}"
 
 
+def swept_axes(grid: dict) -> list[str]:
+    """The objective axes a grid sweeps: some value not 0 (absent or [0.0] sweeps nothing)."""
+    return [axis for axis in OBJECTIVE_AXES if any(grid.get(axis, [0.0]))]
+
+
 def effective_grid(finetune: dict) -> dict:
-    """``finetune.grid`` with each objective it does not sweep (absent or [0.0]) set to the ``finetune`` key's
-    value, so that the cells' paths name every objective that trains them."""
+    """``finetune.grid`` with each objective it does not sweep set to the ``finetune`` key's value, so that the
+    cells' paths name every objective that trains them."""
     grid = dict(finetune["grid"])
+    swept = swept_axes(grid)
     for axis in OBJECTIVE_AXES:
-        if not any(grid.get(axis, [0.0])):
+        if axis not in swept:
             grid[axis] = [finetune.get(axis, 0.0)]
     return grid
 

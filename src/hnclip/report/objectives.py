@@ -113,10 +113,9 @@ def to_markdown(effects: pd.DataFrame, partial_note: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_objective_tables(summary: pd.DataFrame, out_dir: str | os.PathLike,
+def write_objective_tables(effects: pd.DataFrame, out_dir: str | os.PathLike,
                            partial_note: str | None = None) -> list[Path]:
-    """``objectives.csv`` and ``objectives.md`` in ``out_dir``."""
-    effects = objective_effects(summary)
+    """``objectives.csv`` and ``objectives.md`` in ``out_dir``, from ``objective_effects``."""
     out_dir = Path(out_dir)
     csv_path, md_path = out_dir / "objectives.csv", out_dir / "objectives.md"
     with atomic_path(csv_path) as tmp, open(tmp, "w") as handle:

@@ -35,8 +35,9 @@ def write_tables_from_summary(summary_csv, out_dir, *, models, benchmarks, allow
     summary = read_summary(summary_csv)
     note = _completeness_note(summary, models, benchmarks, allow_partial)
     written = write_tables(summary, out_dir, benchmarks=benchmarks, partial_note=note)
-    if objectives or not objective_effects(summary).empty:
-        written += write_objective_tables(summary, out_dir, note)
+    effects = objective_effects(summary)
+    if objectives or not effects.empty:
+        written += write_objective_tables(effects, out_dir, note)
     log.info("wrote %d table files", len(written))
 
 

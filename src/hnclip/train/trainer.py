@@ -437,9 +437,7 @@ class Trainer:
         # pinned (on a GPU): the copy runs asynchronously instead of blocking the host
         return images.to(self.device, non_blocking=images.is_pinned())
 
-    def _encode_batch(
-        self, batch, model: torch.nn.Module, *, with_patches: bool = False, with_captions: bool = True,
-    ) -> dict[str, torch.Tensor]:
+    def _encode_batch(self, batch, model: torch.nn.Module, *, with_patches: bool = False) -> dict[str, torch.Tensor]:
         """Encode every text of the batch in one call, then gather all ranks' rows (with gradient). With
         ``with_patches`` also this rank's penultimate patch tokens (key ``patches``, not gathered)."""
         features: dict = {"ids": distributed.gather_with_grad(batch.image_ids.to(self.device))}
@@ -449,8 +447,7 @@ class Trainer:
         else:
             image_features = model.encode_image(images)
         features["image"] = distributed.gather_with_grad(image_features)
-        if with_captions:
-            features.update(self._encode_captions(batch, model))
+        features.update(self._encode_captions(batch, model))
         return features
 
     def _encode_captions(self, batch, model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
